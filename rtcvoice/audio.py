@@ -1,0 +1,94 @@
+"""PCM helpers shared by transports and the conversation: conversions and resampling.
+
+Resampling uses PyAV's ``AudioResampler`` (libswresample), which keeps filter state between
+calls, so a stream resampled chunk by chunk has no clicks at chunk borders.
+"""
+
+from __future__ import annotations
+
+import wave
+from pathlib import Path
+
+import av
+import numpy as np
+import numpy.typing as npt
+
+Int16Audio = npt.NDArray[np.int16]
+FloatAudio = npt.NDArray[np.float32]
+
+STT_RATE = 16_000
+WEBRTC_RATE = 48_000
+FRAME_MS = 20
+
+
+def float_to_int16(audio: FloatAudio) -> Int16Audio:
+    return (np.clip(audio, -1.0, 1.0) * 32767.0).astype(np.int16)
+
+
+def int16_to_float(audio: Int16Audio) -> FloatAudio:
+    return audio.astype(np.float32) / 32768.0
+
+
+def rms_dbfs(audio: Int16Audio | FloatAudio) -> float:
+    """Loudness of a block in dBFS (-inf for digital silence)."""
+    if audio.size == 0:
+        return float("-inf")
+    x = audio.astype(np.float64)
+    if audio.dtype == np.int16:
+        x /= 32768.0
+    rms = float(np.sqrt(np.mean(x * x)))
+    return 20.0 * np.log10(rms) if rms > 0 else float("-inf")
+
+
+class StreamResampler:
+    """Any av.AudioFrame (or mono int16 at ``in_rate``) to mono int16 at ``out_rate``."""
+
+    def __init__(self, out_rate: int) -> None:
+        self.out_rate = out_rate
+        self._resampler = av.AudioResampler(format="s16", layout="mono", rate=out_rate)
+        self._pts = 0
+
+    def frame(self, frame: av.AudioFrame) -> Int16Audio:
+        out = [f.to_ndarray().reshape(-1) for f in self._resampler.resample(frame)]
+        return np.concatenate(out).astype(np.int16, copy=False) if out else np.zeros(0, np.int16)
+
+    def pcm(self, pcm: Int16Audio, in_rate: int) -> Int16Audio:
+        if in_rate == self.out_rate:
+            return pcm
+        frame = av.AudioFrame.from_ndarray(pcm.reshape(1, -1), format="s16", layout="mono")
+        frame.sample_rate = in_rate
+        frame.pts = self._pts
+        self._pts += pcm.size
+        return self.frame(frame)
+
+    def flush(self) -> Int16Audio:
+        out = [f.to_ndarray().reshape(-1) for f in self._resampler.resample(None)]
+        return np.concatenate(out).astype(np.int16, copy=False) if out else np.zeros(0, np.int16)
+
+
+def read_wav(path: str | Path) -> tuple[Int16Audio, int]:
+    """Mono int16 samples and sample rate of a 16-bit PCM WAV (stereo is downmixed)."""
+    with wave.open(str(path), "rb") as w:
+        if w.getsampwidth() != 2:
+            raise ValueError(f"{path}: only 16-bit PCM WAV is supported")
+        rate, channels = w.getframerate(), w.getnchannels()
+        data = np.frombuffer(w.readframes(w.getnframes()), dtype="<i2")
+    if channels > 1:
+        data = data.reshape(-1, channels).mean(axis=1).astype(np.int16)
+    return data.astype(np.int16), rate
+
+
+def write_wav(path: str | Path, pcm: Int16Audio, rate: int) -> None:
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes(pcm.astype("<i2").tobytes())
+
+
+def resample_pcm(pcm: Int16Audio, in_rate: int, out_rate: int) -> Int16Audio:
+    """One-shot resampling of a whole buffer."""
+    if in_rate == out_rate:
+        return pcm
+    r = StreamResampler(out_rate)
+    return np.concatenate([r.pcm(pcm, in_rate), r.flush()])

@@ -1,0 +1,149 @@
+"""``rtcvoice serve`` runs the server; ``rtcvoice call`` dials it as a headless WebRTC peer."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+import sys
+import time
+from typing import Any
+
+from .settings import Settings
+
+log = logging.getLogger("rtcvoice")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="rtcvoice", description="Voice calls with an AI over WebRTC.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser(
+        "serve",
+        help="run the server",
+        description="Run the rtcvoice server. Every setting is also read from the environment "
+        "(RTCVOICE_<NAME>, plus OPENAI_API_KEY / OPENAI_BASE_URL); flags win.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    Settings.add_arguments(serve)
+
+    call = sub.add_parser("call", help="call a server as a headless WebRTC peer, speaking a WAV file")
+    call.add_argument("--wav", help="16-bit PCM WAV spoken as the microphone (any rate, mono or stereo)")
+    call.add_argument("--text", help="send this as a text_message instead of (or after) speaking")
+    call.add_argument("--server", default="http://127.0.0.1:8080", help="server base URL")
+    call.add_argument("--out", help="save the AI's audio (48 kHz mono WAV) here")
+    call.add_argument("--token", help="bearer token for servers with auth on")
+    call.add_argument("--voice", help="ask for this voice")
+    call.add_argument("--timeout", type=float, default=90.0, help="give up after this many seconds")
+    call.add_argument("--quiet", action="store_true", help="print only the summary")
+
+    args = parser.parse_args(argv)
+    if args.command == "serve":
+        settings = Settings.from_args(args)
+        _setup_logging(settings.log_level)
+        return asyncio.run(_serve(settings))
+    _setup_logging("WARNING")
+    if not args.wav and not args.text:
+        parser.error("call needs --wav and/or --text")
+    return asyncio.run(_call(args))
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("aioice", "aiortc", "faster_whisper", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+async def _serve(settings: Settings) -> int:
+    from aiohttp import web
+
+    from .engines import EngineError, load_engines
+    from .server import create_app
+
+    try:
+        engines = await load_engines(settings)
+    except EngineError as exc:
+        print(f"rtcvoice: cannot start: {exc}", file=sys.stderr)
+        return 2
+    app = create_app(settings, engines=engines)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, settings.host, settings.port)
+        await site.start()
+    except OSError as exc:
+        await runner.cleanup()
+        await engines.aclose()
+        print(f"rtcvoice: cannot listen on {settings.host}:{settings.port}: {exc}", file=sys.stderr)
+        return 2
+    log.info(
+        "rtcvoice listening on http://%s:%d  (stt=%s agent=%s tts=%s)",
+        settings.host, settings.port, engines.stt.name, engines.agent.name, engines.tts.name,
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down: ending every call")
+    await runner.cleanup()
+    await engines.aclose()
+    return 0
+
+
+async def _call(args: argparse.Namespace) -> int:
+    from .audio import read_wav, write_wav
+    from .client import CallError, VoiceCallClient
+
+    def show(event: dict[str, Any]) -> None:
+        if not args.quiet:
+            print(json.dumps(event), flush=True)
+
+    client = VoiceCallClient(args.server, on_event=show, token=args.token)
+    session: dict[str, Any] = {"voice": args.voice} if args.voice else {}
+    deadline = time.monotonic() + args.timeout
+    ok = False
+    try:
+        await client.connect(session=session)
+        turns = 0
+        if args.wav:
+            pcm, rate = read_wav(args.wav)
+            client.play(pcm, rate)
+            turns += 1
+            await client.wait_count("end_of_response", turns, deadline - time.monotonic())
+        if args.text:
+            client.send({"type": "text_message", "content": args.text})
+            turns += 1
+            await client.wait_count("end_of_response", turns, deadline - time.monotonic())
+        await asyncio.sleep(0.5)  # the last frames are still in flight when end_of_response arrives
+        ok = True
+    except CallError as exc:
+        print(f"rtcvoice call: {exc}", file=sys.stderr)
+    except TimeoutError:
+        print(f"rtcvoice call: no reply within {args.timeout:.0f} s", file=sys.stderr)
+    finally:
+        with contextlib.suppress(Exception):
+            await client.close()
+    if args.out:
+        write_wav(args.out, client.received.pcm(), 48_000)
+    _print_summary(client)
+    return 0 if ok else 1
+
+
+def _print_summary(client: Any) -> None:
+    summary: dict[str, Any] = {"type": "summary", "session_id": client.session_id}
+    finals = [e.get("text") for e in client.of_type("final_transcript")]
+    replies = [e.get("text") for e in client.of_type("end_of_response")]
+    summary["you_said"] = finals
+    summary["ai_said"] = replies
+    metrics = client.of_type("metrics")
+    if metrics:
+        summary["server_metrics_ms"] = metrics
+    if client.speech_ends:
+        heard = client.received.first_sound_after(client.speech_ends[0])
+        if heard is not None:
+            summary["client_voice_to_voice_ms"] = round((heard - client.speech_ends[0]) * 1000, 1)
+    print(json.dumps(summary), flush=True)

@@ -1,0 +1,237 @@
+"""A headless WebRTC caller: a real aiortc peer that speaks WAV audio into a rtcvoice server.
+
+Used by ``rtcvoice call``, the tests and the benchmarks. It sends its "microphone" on a paced
+track (speech, then silence, exactly as a quiet person would), records everything the server
+sends back with arrival times, and measures voice-to-voice at the client: from the moment the
+last speech sample left to the first audible sample that came back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import numpy as np
+from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
+from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+
+from .audio import WEBRTC_RATE, Int16Audio, StreamResampler, resample_pcm, rms_dbfs
+from .transports.tracks import PacedAudioTrack
+
+log = logging.getLogger(__name__)
+
+SPEECH_DBFS = -45.0  # quieter than this is treated as silence when timing speech
+API = "/api/v1/voice"
+
+
+class CallError(RuntimeError):
+    pass
+
+
+def speech_end_offset(pcm: Int16Audio, rate: int, threshold_dbfs: float = SPEECH_DBFS) -> int:
+    """Sample index just after the last 10 ms block louder than ``threshold_dbfs``."""
+    block = rate // 100
+    last = 0
+    for i in range(0, pcm.size, block):
+        if rms_dbfs(pcm[i : i + block]) > threshold_dbfs:
+            last = min(pcm.size, i + block)
+    return last
+
+
+@dataclass
+class ReceivedAudio:
+    chunks: list[Int16Audio] = field(default_factory=list)
+    times: list[float] = field(default_factory=list)  # arrival time of each chunk
+
+    def pcm(self) -> Int16Audio:
+        return np.concatenate(self.chunks) if self.chunks else np.zeros(0, np.int16)
+
+    def first_sound_after(self, t: float, threshold_dbfs: float = SPEECH_DBFS) -> float | None:
+        for chunk, at in zip(self.chunks, self.times, strict=True):
+            if at >= t and rms_dbfs(chunk) > threshold_dbfs:
+                return at
+        return None
+
+    def between(self, t0: float, t1: float) -> Int16Audio:
+        parts = [c for c, at in zip(self.chunks, self.times, strict=True) if t0 <= at < t1]
+        return np.concatenate(parts) if parts else np.zeros(0, np.int16)
+
+
+class VoiceCallClient:
+    def __init__(
+        self,
+        server: str,
+        *,
+        on_event: Callable[[dict[str, Any]], None] | None = None,
+        token: str | None = None,
+    ) -> None:
+        self.server = server.rstrip("/")
+        self.on_event = on_event
+        self.token = token
+        self.session_id: str | None = None
+        self.pc: RTCPeerConnection | None = None
+        self.mic = PacedAudioTrack()
+        self.received = ReceivedAudio()
+        self.events: list[tuple[float, dict[str, Any]]] = []
+        self.speech_ends: list[float] = []  # when the last speech sample of each played clip left
+        self._event_cond = asyncio.Condition()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._http: aiohttp.ClientSession | None = None
+        self._channel_open = asyncio.Event()
+        self._closed = False
+
+    # -- connecting -------------------------------------------------------------------------------
+    async def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        assert self._http is not None
+        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+        async with self._http.post(self.server + path, json=body, headers=headers) as resp:
+            data: dict[str, Any] = await resp.json(content_type=None)
+            if resp.status >= 400:
+                err = data.get("error", {}) if isinstance(data, dict) else {}
+                raise CallError(f"{path}: HTTP {resp.status} {err.get('code')}: {err.get('message')}")
+            return data
+
+    async def connect(self, *, session: dict[str, Any] | None = None, timeout: float = 20.0) -> None:
+        self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout))
+        started = await self._post(f"{API}/session/start", session or {})
+        self.session_id = started["session_id"]
+        ice = [RTCIceServer(**_ice_kwargs(s)) for s in started.get("ice_servers", [])]
+        pc = RTCPeerConnection(RTCConfiguration(iceServers=ice))
+        self.pc = pc
+        pc.addTrack(self.mic)
+        channel = pc.createDataChannel("events")
+
+        @channel.on("open")
+        def _open() -> None:
+            self._channel_open.set()
+
+        @channel.on("message")
+        def _message(message: str | bytes) -> None:
+            self._spawn(self._on_message(message))
+
+        self._channel = channel
+        pc.on("track", self._on_track)
+        await pc.setLocalDescription(await pc.createOffer())
+        answer = await self._post(
+            started.get("offer_url", f"{API}/session/{self.session_id}/offer"),
+            {"sdp": pc.localDescription.sdp, "type": pc.localDescription.type},
+        )
+        await pc.setRemoteDescription(RTCSessionDescription(sdp=answer["sdp"], type=answer["type"]))
+        await asyncio.wait_for(self._channel_open.wait(), timeout)
+
+    def _on_track(self, track: MediaStreamTrack) -> None:
+        if track.kind == "audio":
+            self._spawn(self._record(track))
+
+    async def _record(self, track: MediaStreamTrack) -> None:
+        resampler = StreamResampler(WEBRTC_RATE)
+        while True:
+            try:
+                frame = await track.recv()
+            except MediaStreamError:
+                return
+            self.received.chunks.append(resampler.frame(frame))
+            self.received.times.append(time.monotonic())
+
+    async def _on_message(self, message: str | bytes) -> None:
+        try:
+            event = json.loads(message)
+        except ValueError:
+            log.warning("non-JSON message from server: %r", message[:80])
+            return
+        async with self._event_cond:
+            self.events.append((time.monotonic(), event))
+            self._event_cond.notify_all()
+        if self.on_event is not None:
+            self.on_event(event)
+
+    # -- talking ----------------------------------------------------------------------------------
+    def play(self, pcm: Int16Audio, rate: int) -> None:
+        """Speak ``pcm`` into the call (after anything already queued)."""
+        audio = resample_pcm(pcm, rate, WEBRTC_RATE)
+        start = self.mic.written
+        self.mic.write(audio)
+        end = speech_end_offset(audio, WEBRTC_RATE)
+
+        async def mark() -> None:
+            if end and await self.mic.wait_played(start + end):
+                self.speech_ends.append(time.monotonic())
+
+        self._spawn(mark())
+
+    def send(self, event: dict[str, Any]) -> None:
+        self._channel.send(json.dumps(event))
+
+    async def wait_for(
+        self, predicate: Callable[[dict[str, Any]], bool], timeout: float = 60.0, *, after: int = 0
+    ) -> dict[str, Any]:
+        """The first event (from index ``after``) matching ``predicate``."""
+        async def scan() -> dict[str, Any]:
+            async with self._event_cond:
+                seen = after
+                while True:
+                    for _t, event in self.events[seen:]:
+                        if predicate(event):
+                            return event
+                    seen = len(self.events)
+                    await self._event_cond.wait()
+
+        return await asyncio.wait_for(scan(), timeout)
+
+    async def wait_count(self, type_: str, n: int, timeout: float = 60.0) -> dict[str, Any]:
+        """Wait until ``n`` events of ``type_`` have arrived; returns the n-th."""
+        await self.wait_for(lambda _e: len(self.of_type(type_)) >= n, max(0.01, timeout))
+        return self.of_type(type_)[n - 1]
+
+    def event_time(self, event: dict[str, Any]) -> float:
+        for t, e in self.events:
+            if e is event:
+                return t
+        raise KeyError("event not received")
+
+    def of_type(self, type_: str) -> list[dict[str, Any]]:
+        return [e for _t, e in self.events if e.get("type") == type_]
+
+    def selected_candidate_types(self) -> tuple[str, str] | None:
+        """(local, remote) candidate types of the nominated ICE pair, e.g. ('relay', 'host')."""
+        if self.pc is None:
+            return None
+        for transceiver in self.pc.getTransceivers():
+            ice = transceiver.sender.transport.transport
+            pair = getattr(ice._connection, "_nominated", {}).get(1)
+            if pair is not None:
+                return pair.local_candidate.type, pair.remote_candidate.type
+        return None
+
+    # -- closing ----------------------------------------------------------------------------------
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def close(self, *, end_session: bool = True) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if end_session and self.session_id and self._http is not None:
+            with contextlib.suppress(CallError, aiohttp.ClientError, asyncio.TimeoutError):
+                await self._post(f"{API}/session/end", {"session_id": self.session_id})
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self.mic.stop()
+        if self.pc is not None:
+            await self.pc.close()
+        if self._http is not None:
+            await self._http.close()
+
+
+def _ice_kwargs(server: dict[str, Any]) -> dict[str, Any]:
+    return {k: server[k] for k in ("urls", "username", "credential") if k in server}

@@ -1,0 +1,533 @@
+"""The turn-taking state machine of one call: listening → thinking → speaking, and barge-in.
+
+A transport feeds it 16 kHz mono PCM (:meth:`Conversation.push_audio`) and raw client events
+(:meth:`Conversation.handle_client_message`); the conversation emits server events through the
+``send`` callable and plays speech into an :class:`AudioSink`. The same class serves WebRTC and
+WebSocket calls, so every behaviour is written once.
+
+Ownership: each user turn's work (final STT, agent, TTS) runs in one task, ``_turn_task``;
+barge-in cancels exactly that task and flushes the sink. Partial transcripts run in
+``_partial_task``. :meth:`aclose` cancels and awaits both and is idempotent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections import deque
+from collections.abc import Awaitable, Callable
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+import numpy as np
+
+from ..audio import STT_RATE, Int16Audio, StreamResampler, float_to_int16, int16_to_float
+from ..engines.base import AgentContext, ChatMessage, EngineError, Engines
+from ..engines.vad import WINDOW, WINDOW_MS, VadStream
+from ..settings import Settings
+from .chunker import SentenceChunker
+from .events import ClientEvent, EventError, parse_client_event
+from .turns import TurnDetector, TurnEvent
+
+log = logging.getLogger(__name__)
+
+State = Literal["listening", "thinking", "speaking"]
+Event = dict[str, Any]
+
+PRE_ROLL_MS = 300  # audio kept from before the VAD fired, so the first syllable is transcribed
+APOLOGY = "Sorry, I ran into a problem answering that."
+
+
+class AudioSink(Protocol):
+    """Where the AI's voice goes: the paced WebRTC track, or WebSocket binary frames."""
+
+    sample_rate: int
+
+    def write(self, pcm: Int16Audio) -> int:
+        """Queue samples; returns the stream position just after them."""
+        ...
+
+    def flush(self) -> int:
+        """Drop unplayed audio; returns the playhead position before the flush."""
+        ...
+
+    def wait_played(self, position: int) -> asyncio.Future[bool]:
+        """True once ``position`` is played, False if flushed first."""
+        ...
+
+
+MessageHook = Callable[[ChatMessage, dict[str, Any]], Awaitable[None]]
+
+
+@dataclass
+class SessionConfig:
+    voice: str
+    instructions: str
+    language: str
+    speed: float
+
+
+@dataclass
+class Turn:
+    id: str
+    source: Literal["voice", "text"]
+    user_text: str = ""
+    ai_text: str = ""
+    # (start, end, text) of each piece of speech queued in the sink, in sink positions.
+    spoken: list[tuple[int, int, str]] = field(default_factory=list)
+    marks: dict[str, float] = field(default_factory=dict)
+    metrics_sent: bool = False
+    finished: bool = False
+
+    def mark(self, name: str) -> None:
+        self.marks.setdefault(name, time.monotonic())
+
+    def said_before(self, heard: int) -> str:
+        """What the listener heard: every piece whose first sample was played before ``heard``."""
+        return " ".join(text for start, _end, text in self.spoken if start < heard).strip()
+
+    def metrics(self) -> dict[str, float | None]:
+        m = self.marks
+
+        def span(a: str, b: str) -> float | None:
+            return round((m[b] - m[a]) * 1000.0, 1) if a in m and b in m else None
+
+        return {
+            "end_of_turn": span("speech_end", "turn_end"),
+            "stt": span("stt_start", "stt_end"),
+            "llm_first_token": span("llm_start", "llm_first_token"),
+            "tts_first_audio": span("tts_start", "tts_first_audio"),
+            "voice_to_voice": span("speech_end", "first_audio_played"),
+        }
+
+
+class Conversation:
+    def __init__(
+        self,
+        *,
+        session_id: str,
+        settings: Settings,
+        engines: Engines,
+        vad: VadStream,
+        sink: AudioSink,
+        send: Callable[[Event], None],
+        executor: Executor | None = None,
+        thread_id: str | None = None,
+        user_id: str | None = None,
+        history: list[ChatMessage] | None = None,
+        on_message: MessageHook | None = None,
+    ) -> None:
+        self.session_id = session_id
+        self.thread_id = thread_id
+        self.user_id = user_id
+        self.settings = settings
+        self.engines = engines
+        self.sink = sink
+        self._send = send
+        self._vad = vad
+        self._executor = executor
+        self._on_message = on_message
+        self.config = SessionConfig(
+            voice=settings.tts_voice or engines.tts.default_voice,
+            instructions=settings.system_prompt,
+            language=settings.language,
+            speed=settings.tts_speed,
+        )
+        self.history: list[ChatMessage] = list(history or [])
+        self.state: State = "listening"
+        self.detector = TurnDetector(
+            window_ms=WINDOW_MS,
+            threshold=settings.vad_threshold,
+            min_speech_ms=settings.min_speech_ms,
+            end_silence_ms=settings.end_of_turn_silence_ms,
+        )
+        self._pending = np.zeros(0, dtype=np.int16)
+        self._pre_roll: deque[Int16Audio] = deque(maxlen=max(1, PRE_ROLL_MS // WINDOW_MS + self.detector.min_speech_windows))
+        self._utterance: list[Int16Audio] = []
+        self._utterance_samples = 0
+        self._last_partial_at = 0.0
+        self._last_partial_text = ""
+        self._speech_end_at: float | None = None
+        self._turn: Turn | None = None
+        self._turn_task: asyncio.Task[None] | None = None
+        self._partial_task: asyncio.Task[None] | None = None
+        self._side_tasks: set[asyncio.Task[Any]] = set()
+        self._closed = False
+        self.turns_completed = 0
+
+    # -- events -----------------------------------------------------------------------------------
+    def emit(self, type: str, turn: Turn | None = None, **data: Any) -> None:
+        if self._closed:
+            return
+        event: Event = {"type": type, "session_id": self.session_id}
+        if turn is not None:
+            event["turn_id"] = turn.id
+        event.update(data)
+        self._send(event)
+
+    def _set_state(self, state: State) -> None:
+        if state != self.state:
+            self.state = state
+            self.emit("state", state=state)
+
+    def start(self) -> None:
+        self.emit(
+            "session.started",
+            thread_id=self.thread_id,
+            agent=self.engines.agent.name,
+            stt=self.engines.stt.name,
+            tts=self.engines.tts.name,
+            voice=self.config.voice,
+            language=self.config.language,
+            sample_rate=STT_RATE,
+        )
+        self.emit("state", state=self.state)
+
+    # -- audio in ---------------------------------------------------------------------------------
+    async def push_audio(self, pcm: Int16Audio) -> None:
+        """Feed 16 kHz mono int16 audio as it arrives (any block size)."""
+        if self._closed:
+            return
+        arrived = time.monotonic()
+        self._pending = np.concatenate([self._pending, pcm]) if self._pending.size else pcm
+        n = self._pending.size // WINDOW
+        if n == 0:
+            return
+        block, self._pending = self._pending[: n * WINDOW], self._pending[n * WINDOW :]
+        loop = asyncio.get_running_loop()
+        probs = await loop.run_in_executor(self._executor, self._vad.process, int16_to_float(block))
+        for i, prob in enumerate(probs):
+            await self._on_window(block[i * WINDOW : (i + 1) * WINDOW], prob, arrived)
+
+    async def _on_window(self, window: Int16Audio, prob: float, arrived: float) -> None:
+        detector = self.detector
+        event = detector.feed(prob)
+        if detector.in_speech or event is TurnEvent.TURN_END:
+            if event is TurnEvent.SPEECH_START:
+                self._utterance = list(self._pre_roll)
+                self._utterance_samples = sum(w.size for w in self._utterance)
+                self._pre_roll.clear()
+            self._utterance.append(window)
+            self._utterance_samples += window.size
+            if prob >= detector.off_threshold:
+                self._speech_end_at = arrived
+        else:
+            self._pre_roll.append(window)
+
+        if event is TurnEvent.SPEECH_START:
+            await self._on_speech_start()
+        elif event is TurnEvent.TURN_END:
+            self._end_user_turn()
+        elif detector.in_speech:
+            if self._utterance_samples >= self.settings.max_utterance_s * STT_RATE:
+                detector.reset()
+                self._end_user_turn()
+            else:
+                self._maybe_partial()
+
+    async def _on_speech_start(self) -> None:
+        self._last_partial_at = time.monotonic()
+        self._last_partial_text = ""
+        # Barge-in: the user talks over the AI (or over its thinking); the new turn wins.
+        if self._turn_task is not None and not self._turn_task.done():
+            await self.interrupt(reason="barge_in")
+        self.emit("speech_started")
+
+    def _end_user_turn(self) -> None:
+        audio = np.concatenate(self._utterance) if self._utterance else np.zeros(0, np.int16)
+        self._utterance, self._utterance_samples = [], 0
+        self._cancel_partial()
+        turn = Turn(id=uuid.uuid4().hex[:12], source="voice")
+        if self._speech_end_at is not None:
+            turn.marks["speech_end"] = self._speech_end_at
+        turn.mark("turn_end")
+        self.emit("speech_stopped", turn)
+        self._start_turn(turn, self._voice_turn(turn, audio))
+
+    # -- partial transcripts ----------------------------------------------------------------------
+    def _maybe_partial(self) -> None:
+        now = time.monotonic()
+        if now - self._last_partial_at < self.settings.partial_interval_ms / 1000.0:
+            return
+        if self._partial_task is not None and not self._partial_task.done():
+            return  # the previous partial is still running: skip rather than queue behind it
+        self._last_partial_at = now
+        audio = np.concatenate(self._utterance)
+        self._partial_task = asyncio.create_task(self._partial(audio), name=f"partial-{self.session_id}")
+
+    async def _partial(self, audio: Int16Audio) -> None:
+        try:
+            text = await self.engines.stt.transcribe(int16_to_float(audio), language=self.config.language)
+        except EngineError as exc:
+            log.warning("session %s: partial transcription failed: %s", self.session_id, exc)
+            return
+        if text and text != self._last_partial_text and self.detector.in_speech:
+            self._last_partial_text = text
+            self.emit("partial_transcript", text=text)
+
+    def _cancel_partial(self) -> None:
+        if self._partial_task is not None and not self._partial_task.done():
+            self._partial_task.cancel()
+        self._partial_task = None
+
+    # -- turns ------------------------------------------------------------------------------------
+    def _start_turn(self, turn: Turn, work: Awaitable[None]) -> None:
+        self._turn = turn
+        self._turn_task = asyncio.create_task(self._run_turn(turn, work), name=f"turn-{turn.id}")
+
+    async def _run_turn(self, turn: Turn, work: Awaitable[None]) -> None:
+        try:
+            await work
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # a bug, not an engine fault: say so, keep the call up
+            log.exception("session %s: turn %s failed", self.session_id, turn.id)
+            self.emit("error", turn, code="internal_error", message="The server failed to answer this turn.")
+            self._finish(turn, interrupted=False)
+
+    async def _voice_turn(self, turn: Turn, audio: Int16Audio) -> None:
+        self._set_state("thinking")
+        turn.mark("stt_start")
+        try:
+            text = await self.engines.stt.transcribe(int16_to_float(audio), language=self.config.language)
+        except EngineError as exc:
+            self.emit("error", turn, code=exc.code, message=str(exc))
+            self._set_state("listening")
+            return
+        turn.mark("stt_end")
+        if not _is_speech(text):
+            # Noise the VAD took for speech: nothing was said, so nothing is answered.
+            self.emit("final_transcript", turn, text="", empty=True)
+            self._set_state("listening")
+            return
+        self.emit("final_transcript", turn, text=text)
+        turn.user_text = text
+        await self._respond(turn)
+
+    async def _respond(self, turn: Turn) -> None:
+        user: ChatMessage = {"role": "user", "content": turn.user_text}
+        self.history.append(user)
+        await self._store(user, turn, content_type=turn.source)
+        messages: list[ChatMessage] = [{"role": "system", "content": self.config.instructions}]
+        messages += self.history[-self.settings.max_history_messages :]
+        context = AgentContext(self.session_id, self.thread_id, self.user_id, self.config.language)
+        self._set_state("thinking")
+
+        sentences: asyncio.Queue[str | None] = asyncio.Queue()
+        speaker = asyncio.create_task(self._speak(turn, sentences), name=f"speak-{turn.id}")
+        chunker = SentenceChunker()
+        failed: EngineError | None = None
+        try:
+            turn.mark("llm_start")
+            stream = self.engines.agent.stream(messages, context)
+            try:
+                while True:
+                    try:
+                        async with asyncio.timeout(self.settings.llm_timeout_s):
+                            delta = await anext(stream)
+                    except StopAsyncIteration:
+                        break
+                    except TimeoutError:
+                        raise EngineError(
+                            f"The agent sent nothing for {self.settings.llm_timeout_s:.0f} s.", code="agent_timeout"
+                        ) from None
+                    if not delta:
+                        continue
+                    turn.mark("llm_first_token")
+                    turn.ai_text += delta
+                    self.emit("ai_text", turn, text=delta)
+                    for piece in chunker.push(delta):
+                        sentences.put_nowait(piece)
+            finally:
+                await _aclose(stream)
+            for piece in chunker.flush():
+                sentences.put_nowait(piece)
+        except EngineError as exc:
+            failed = exc
+            log.warning("session %s: agent failed: %s", self.session_id, exc)
+            self.emit("error", turn, code=exc.code, message=str(exc))
+            if not turn.ai_text:
+                # Spoken too, so a caller who is not looking at a screen knows what happened.
+                sentences.put_nowait(APOLOGY)
+        except BaseException:
+            speaker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await speaker
+            raise
+        sentences.put_nowait(None)
+        try:
+            await speaker
+        except BaseException:
+            speaker.cancel()
+            raise
+        if failed is None or turn.ai_text:
+            await self._store_reply(turn, interrupted=False)
+        self._finish(turn, interrupted=False)
+
+    async def _speak(self, turn: Turn, sentences: asyncio.Queue[str | None]) -> None:
+        resampler = StreamResampler(self.sink.sample_rate)
+        tts = self.engines.tts
+        last_position = None
+        while True:
+            text = await sentences.get()
+            if text is None:
+                break
+            turn.mark("tts_start")
+            start = None
+            try:
+                async for chunk in tts.synthesize(text, voice=self.config.voice, speed=self.config.speed):
+                    # Sub-millisecond per chunk: cheaper inline than an executor hop.
+                    pcm = resampler.pcm(float_to_int16(chunk), tts.sample_rate)
+                    if pcm.size == 0:
+                        continue
+                    position = self.sink.write(pcm)
+                    if start is None:
+                        start = position - pcm.size
+                    if "tts_first_audio" not in turn.marks:
+                        turn.mark("tts_first_audio")
+                        self._watch_first_audio(turn, position - pcm.size + 1)
+                    self._set_state("speaking")
+                    last_position = position
+            except EngineError as exc:
+                log.warning("session %s: TTS failed: %s", self.session_id, exc)
+                self.emit("error", turn, code=exc.code, message=str(exc))
+                continue
+            if start is not None and last_position is not None:
+                turn.spoken.append((start, last_position, text))
+        tail = resampler.flush()
+        if tail.size:
+            last_position = self.sink.write(tail)
+        if last_position is not None:
+            await self.sink.wait_played(last_position)
+
+    def _watch_first_audio(self, turn: Turn, position: int) -> None:
+        async def watch() -> None:
+            if await self.sink.wait_played(position):
+                turn.mark("first_audio_played")
+                self._send_metrics(turn)
+
+        self._spawn(watch())
+
+    def _send_metrics(self, turn: Turn) -> None:
+        if not turn.metrics_sent:
+            turn.metrics_sent = True
+            self.emit("metrics", turn, **turn.metrics())
+
+    def _finish(self, turn: Turn, *, interrupted: bool) -> None:
+        if turn.finished:
+            return
+        turn.finished = True
+        self._send_metrics(turn)
+        self.emit("end_of_response", turn, interrupted=interrupted, text=turn.ai_text)
+        self.turns_completed += 1
+        if self._turn is turn:
+            self._turn = None
+        self._set_state("listening")
+
+    async def _store(self, message: ChatMessage, turn: Turn, **extra: Any) -> None:
+        if self._on_message is not None:
+            await self._on_message(message, {"turn_id": turn.id, **extra})
+
+    async def _store_reply(self, turn: Turn, *, interrupted: bool, said: str | None = None) -> None:
+        content = turn.ai_text.strip() if said is None else said
+        if not content:
+            return
+        reply: ChatMessage = {"role": "assistant", "content": content}
+        self.history.append(reply)
+        await self._store(reply, turn, content_type="voice", interrupted=interrupted)
+
+    async def interrupt(self, *, reason: str = "client") -> bool:
+        """Stop the AI now: flush its audio, cancel the turn's work, keep what was heard."""
+        task, turn = self._turn_task, self._turn
+        if task is None or task.done() or turn is None:
+            return False
+        heard = self.sink.flush()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        if turn.finished:
+            return False
+        said = turn.said_before(heard)
+        if turn.user_text and said:
+            await self._store_reply(turn, interrupted=True, said=said)
+        log.info("session %s: turn %s interrupted (%s); heard %r", self.session_id, turn.id, reason, said[:80])
+        self._finish(turn, interrupted=True)
+        return True
+
+    # -- client events ----------------------------------------------------------------------------
+    async def handle_client_message(self, raw: str | bytes) -> None:
+        try:
+            event = parse_client_event(raw)
+        except EventError as exc:
+            self.emit("error", code=exc.code, message=exc.message)
+            return
+        await self.handle_event(event)
+
+    async def handle_event(self, event: ClientEvent) -> None:
+        data = event.data
+        if event.type == "ping":
+            self.emit("pong", id=data.get("id"), t=data.get("t"))
+        elif event.type == "interrupt":
+            await self.interrupt(reason="client")
+        elif event.type == "text_message":
+            await self.interrupt(reason="text_message")
+            turn = Turn(id=uuid.uuid4().hex[:12], source="text", user_text=data["content"].strip())
+            turn.mark("speech_end")
+            self._start_turn(turn, self._respond(turn))
+        elif event.type == "session.update":
+            self._update_session(data)
+
+    def _update_session(self, data: dict[str, Any]) -> None:
+        if "voice" in data:
+            known = {v.id for v in self.engines.tts.voices()}
+            if known and data["voice"] not in known:
+                self.emit("error", code="invalid_voice", message=f"Unknown voice {data['voice'][:64]!r}; see GET /api/v1/voice/voices.")
+                return
+            self.config.voice = data["voice"]
+        if "instructions" in data:
+            self.config.instructions = data["instructions"]
+        if "language" in data:
+            self.config.language = data["language"]
+        if "speed" in data:
+            self.config.speed = float(data["speed"])
+        self.emit("session.updated", voice=self.config.voice, language=self.config.language, speed=self.config.speed)
+
+    # -- lifecycle --------------------------------------------------------------------------------
+    def _spawn(self, coro: Awaitable[Any]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._side_tasks.add(task)
+        task.add_done_callback(self._side_tasks.discard)
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        tasks = [t for t in (self._turn_task, self._partial_task, *self._side_tasks) if t is not None]
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+            except Exception:
+                log.exception("session %s: task %s failed while closing", self.session_id, task.get_name())
+        self._side_tasks.clear()
+
+
+def _is_speech(text: str) -> bool:
+    # Whisper's usual hallucinations on noise: brackets, music notes, lone punctuation.
+    stripped = text.strip().strip(".!?,")
+    if not stripped or not any(ch.isalnum() for ch in stripped):
+        return False
+    return not (stripped.startswith(("[", "(")) and stripped.endswith(("]", ")")))
+
+
+async def _aclose(stream: Any) -> None:
+    close = getattr(stream, "aclose", None)
+    if close is not None:
+        await close()

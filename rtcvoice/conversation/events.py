@@ -1,0 +1,74 @@
+"""Client events: parsing and validation.
+
+Every transport hands raw text from the client to :func:`parse_client_event`; whatever is wrong
+with it comes back as an :class:`EventError` that the conversation turns into an ``error`` event,
+so a bad message never reaches the state machine and never ends the call.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+MAX_EVENT_BYTES = 16 * 1024
+MAX_TEXT_CHARS = 4000
+CLIENT_EVENT_TYPES = frozenset({"text_message", "interrupt", "session.update", "ping"})
+SESSION_UPDATE_FIELDS = {"voice": str, "instructions": str, "language": str, "speed": (int, float)}
+
+
+class EventError(ValueError):
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True)
+class ClientEvent:
+    type: str
+    data: dict[str, Any]
+
+
+def parse_client_event(raw: str | bytes) -> ClientEvent:
+    if isinstance(raw, bytes):
+        if len(raw) > MAX_EVENT_BYTES:
+            raise EventError("message_too_large", f"Events are limited to {MAX_EVENT_BYTES} bytes.")
+        try:
+            raw = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise EventError("invalid_json", "Events must be UTF-8 JSON text.") from None
+    if len(raw.encode("utf-8", "surrogatepass")) > MAX_EVENT_BYTES:
+        raise EventError("message_too_large", f"Events are limited to {MAX_EVENT_BYTES} bytes.")
+    try:
+        data = json.loads(raw)
+    except (ValueError, RecursionError):
+        raise EventError("invalid_json", "Events must be JSON objects with a string 'type'.") from None
+    if not isinstance(data, dict) or not isinstance(data.get("type"), str):
+        raise EventError("invalid_event", "Events must be JSON objects with a string 'type'.")
+    kind = data["type"]
+    if kind not in CLIENT_EVENT_TYPES:
+        raise EventError("unknown_event", f"Unknown event type {kind[:64]!r}; expected one of {sorted(CLIENT_EVENT_TYPES)}.")
+    if kind == "text_message":
+        content = data.get("content")
+        if not isinstance(content, str) or not content.strip():
+            raise EventError("invalid_event", "text_message needs a non-empty string 'content'.")
+        if len(content) > MAX_TEXT_CHARS:
+            raise EventError("message_too_large", f"text_message content is limited to {MAX_TEXT_CHARS} characters.")
+    elif kind == "session.update":
+        session = data.get("session", data)
+        if not isinstance(session, dict):
+            raise EventError("invalid_event", "session.update needs an object of settings.")
+        clean: dict[str, Any] = {}
+        for name, types in SESSION_UPDATE_FIELDS.items():
+            if name in session:
+                value = session[name]
+                if isinstance(value, bool) or not isinstance(value, types):
+                    raise EventError("invalid_event", f"session.update field {name!r} has the wrong type.")
+                clean[name] = value
+        if isinstance(clean.get("instructions"), str) and len(clean["instructions"]) > MAX_TEXT_CHARS:
+            raise EventError("message_too_large", f"instructions are limited to {MAX_TEXT_CHARS} characters.")
+        if "speed" in clean and not 0.5 <= float(clean["speed"]) <= 2.0:
+            raise EventError("invalid_event", "speed must be between 0.5 and 2.0.")
+        data = {"type": kind, **clean}
+    return ClientEvent(kind, data)

@@ -1,0 +1,104 @@
+"""Any OpenAI-compatible chat endpoint: OpenAI, Ollama, vLLM, llama.cpp server, LM Studio..."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator
+
+import openai
+from openai.types.chat import ChatCompletionMessageParam
+
+from rtcvoice.engines.base import AgentContext, AgentError, ChatMessage
+from rtcvoice.settings import Settings
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "gpt-4o-mini"
+OPENAI_API_URL = "https://api.openai.com/v1"
+
+
+def _to_openai(message: ChatMessage) -> ChatCompletionMessageParam:
+    # One branch per role so that the message type checks against openai's per-role TypedDicts.
+    role, content = message["role"], message["content"]
+    if role == "system":
+        return {"role": "system", "content": content}
+    if role == "assistant":
+        return {"role": "assistant", "content": content}
+    return {"role": "user", "content": content}
+
+
+class OpenAIChatAgent:
+    name = "openai"
+
+    def __init__(self, settings: Settings) -> None:
+        if not settings.openai_base_url and not settings.openai_api_key:
+            raise AgentError(
+                "agent=openai needs an endpoint: set OPENAI_BASE_URL (e.g. http://localhost:11434/v1 for "
+                "Ollama) and/or OPENAI_API_KEY (for api.openai.com)."
+            )
+        self.model = settings.llm_model or DEFAULT_MODEL
+        self.base_url = (settings.openai_base_url or OPENAI_API_URL).rstrip("/")
+        self.max_tokens = settings.llm_max_tokens
+        self.temperature = settings.llm_temperature
+        self.timeout_s = settings.llm_timeout_s
+        self.description = f"openai (model {self.model} at {self.base_url})"
+        self._client = openai.AsyncOpenAI(
+            base_url=self.base_url,
+            # Local servers (Ollama, vLLM, llama.cpp) need no key, but the client insists on one.
+            api_key=settings.openai_api_key or "not-needed",
+            # httpx applies this to connect and to each read, so it bounds time *without progress*,
+            # not the length of the whole reply.
+            timeout=settings.llm_timeout_s,
+            # Someone is waiting on the line: a fast, explained error beats seconds of silent
+            # retries with back-off, and the user can simply speak again.
+            max_retries=0,
+        )
+
+    async def stream(self, messages: list[ChatMessage], context: AgentContext) -> AsyncIterator[str]:
+        url = f"{self.base_url}/chat/completions"
+        try:
+            stream = await self._client.chat.completions.create(
+                model=self.model,
+                messages=[_to_openai(m) for m in messages],
+                stream=True,
+                max_tokens=self.max_tokens,
+                temperature=self.temperature,
+            )
+            # `async with` closes the HTTP response however we leave: done, error, or the consumer
+            # cancelled (barge-in), so the server stops generating for nobody.
+            async with stream:
+                async for chunk in stream:
+                    if not chunk.choices:  # e.g. the final usage chunk
+                        continue
+                    delta = chunk.choices[0].delta.content
+                    if delta:
+                        yield delta
+        except openai.APIStatusError as exc:
+            raise AgentError(
+                f"chat endpoint {url} returned HTTP {exc.status_code} for model {self.model!r}: "
+                f"{_snippet(exc.message)}"
+            ) from exc
+        except openai.APITimeoutError as exc:
+            raise AgentError(f"chat endpoint {url} did not answer within {self.timeout_s:g} s") from exc
+        except openai.APIConnectionError as exc:
+            raise AgentError(f"cannot reach chat endpoint {url}: {exc.__cause__ or exc}") from exc
+        except openai.APIError as exc:  # an error event inside the stream
+            raise AgentError(f"chat endpoint {url} failed mid-reply: {_snippet(exc.message)}") from exc
+        # openai decodes each SSE payload with json.loads and lets its error through unwrapped.
+        except json.JSONDecodeError as exc:
+            raise AgentError(
+                f"chat endpoint {url} sent a stream that is not chat-completions JSON: {exc}"
+            ) from exc
+
+    async def warm_up(self) -> None:
+        # Nothing to load; a test request would cost the user tokens on a paid API.
+        return None
+
+    async def aclose(self) -> None:
+        await self._client.close()
+
+
+def _snippet(text: str, limit: int = 300) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[:limit] + "..."

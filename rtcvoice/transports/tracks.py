@@ -1,0 +1,135 @@
+"""A paced outbound audio track: 20 ms frames at 48 kHz, silence when idle, instant flush.
+
+It is both the AI's voice on the server and the microphone of the headless client. Samples are
+queued with :meth:`write`; aiortc's sender calls :meth:`recv` and gets one frame every 20 ms of
+wall-clock time (the pts advances by exactly one frame per call, so the receiver sees a steady
+clock even if a call comes late). The playhead is tracked in samples so callers can wait for a
+given sample to be played (first-audio latency, knowing what was said before a barge-in).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fractions
+import time
+from collections import deque
+
+import av
+import numpy as np
+from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+
+from ..audio import WEBRTC_RATE, Int16Audio
+
+FRAME_SAMPLES = WEBRTC_RATE // 50  # 20 ms
+TIME_BASE = fractions.Fraction(1, WEBRTC_RATE)
+# A frame pulled this much later than its slot means the receiver heard a gap.
+UNDERRUN_SLACK_S = 0.06
+
+
+class PacedAudioTrack(MediaStreamTrack):
+    kind = "audio"
+
+    def __init__(self, sample_rate: int = WEBRTC_RATE) -> None:
+        super().__init__()
+        if sample_rate != WEBRTC_RATE:
+            raise ValueError("PacedAudioTrack sends 48 kHz; resample before writing")
+        self.sample_rate = sample_rate
+        self._queue: deque[Int16Audio] = deque()
+        self._offset = 0  # samples of _queue[0] already sent
+        self.written = 0  # samples ever queued (monotonic position)
+        self.played = 0  # playhead, in the same coordinates as ``written``
+        self._waiters: list[tuple[int, asyncio.Future[bool]]] = []
+        self._start: float | None = None
+        self._pts = 0
+        self.frames_sent = 0
+        self.late_frames = 0
+        self.first_audio_at: float | None = None
+
+    # -- producer side -------------------------------------------------------------------------
+    @property
+    def queued(self) -> int:
+        return self.written - self.played
+
+    def write(self, pcm: Int16Audio) -> int:
+        """Queue mono int16 samples at 48 kHz; returns the position just after them."""
+        if pcm.size:
+            self._queue.append(pcm.astype(np.int16, copy=False))
+            self.written += int(pcm.size)
+        return self.written
+
+    def flush(self) -> int:
+        """Drop everything not yet sent; returns the playhead position before the flush."""
+        heard = self.played
+        self._queue.clear()
+        self._offset = 0
+        self.played = self.written
+        for _pos, fut in self._waiters:
+            if not fut.done():
+                fut.set_result(False)
+        self._waiters.clear()
+        return heard
+
+    def wait_played(self, position: int) -> asyncio.Future[bool]:
+        """Resolves True once the sample before ``position`` is sent, False if it was flushed."""
+        fut: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        if self.played >= position:
+            fut.set_result(True)
+        else:
+            self._waiters.append((position, fut))
+        return fut
+
+    # -- aiortc side ---------------------------------------------------------------------------
+    async def recv(self) -> av.AudioFrame:  # type: ignore[override]
+        if self.readyState != "live":
+            raise MediaStreamError
+        now = time.monotonic()
+        if self._start is None:
+            self._start = now
+        else:
+            self._pts += FRAME_SAMPLES
+            due = self._start + self._pts / WEBRTC_RATE
+            if due > now:
+                await asyncio.sleep(due - now)
+            elif now - due > UNDERRUN_SLACK_S:
+                self.late_frames += 1
+        samples = self._take(FRAME_SAMPLES)
+        frame = av.AudioFrame.from_ndarray(samples.reshape(1, -1), format="s16", layout="mono")
+        frame.sample_rate = WEBRTC_RATE
+        frame.pts = self._pts
+        frame.time_base = TIME_BASE
+        self.frames_sent += 1
+        return frame
+
+    def _take(self, n: int) -> Int16Audio:
+        out = np.zeros(n, dtype=np.int16)
+        filled = 0
+        while filled < n and self._queue:
+            head = self._queue[0]
+            chunk = head[self._offset : self._offset + (n - filled)]
+            out[filled : filled + chunk.size] = chunk
+            filled += chunk.size
+            self._offset += chunk.size
+            if self._offset >= head.size:
+                self._queue.popleft()
+                self._offset = 0
+        if filled:
+            if self.first_audio_at is None:
+                self.first_audio_at = time.monotonic()
+            self.played += filled
+            self._wake()
+        return out
+
+    def _wake(self) -> None:
+        still: list[tuple[int, asyncio.Future[bool]]] = []
+        for pos, fut in self._waiters:
+            if fut.done():
+                continue
+            if self.played >= pos:
+                fut.set_result(True)
+            else:
+                still.append((pos, fut))
+        self._waiters = still
+
+    def stop(self) -> None:
+        self.flush()
+        super().stop()

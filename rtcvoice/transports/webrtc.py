@@ -1,0 +1,202 @@
+"""The WebRTC transport: one aiortc peer connection per call.
+
+Inbound: the client's Opus track, decoded by aiortc (in its decoder thread), resampled to 16 kHz
+mono in the audio executor and fed to the conversation. Outbound: a :class:`PacedAudioTrack` on
+the same transceiver. Events: a data channel the client creates (``events``); events sent before
+it opens are queued, like pipecat's small-webrtc transport does, so none is lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections import deque
+from collections.abc import Awaitable, Callable
+from concurrent.futures import Executor
+from typing import Any
+
+from aiortc import RTCConfiguration, RTCDataChannel, RTCIceServer, RTCPeerConnection, RTCSessionDescription
+from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+
+from ..audio import STT_RATE, StreamResampler
+from ..conversation import AudioSink, Conversation
+from .tracks import PacedAudioTrack
+
+log = logging.getLogger(__name__)
+
+MAX_QUEUED_EVENTS = 1000
+MAX_INBOUND_EVENTS = 64  # client messages waiting to be handled; more are refused, not buffered
+
+ConversationFactory = Callable[[AudioSink, Callable[[dict[str, Any]], None]], Conversation]
+
+
+class OfferError(ValueError):
+    """The client's offer cannot be answered; the message says why."""
+
+
+def _check_offer(sdp: str) -> None:
+    if not sdp.lstrip().startswith("v=0"):
+        raise OfferError("The SDP offer must start with 'v=0'.")
+    media = [line.split()[0][2:] for line in sdp.splitlines() if line.startswith("m=") and line.split()]
+    if "audio" not in media:
+        raise OfferError("The SDP offer has no audio media section; rtcvoice needs the microphone as audio.")
+
+
+class WebRtcPeer:
+    def __init__(
+        self,
+        *,
+        session_id: str,
+        ice_servers: list[RTCIceServer],
+        make_conversation: ConversationFactory,
+        executor: Executor | None = None,
+        on_closed: Callable[[WebRtcPeer], Awaitable[None]] | None = None,
+    ) -> None:
+        self.session_id = session_id
+        self._ice_servers = ice_servers
+        self._make_conversation = make_conversation
+        self._executor = executor
+        self._on_closed = on_closed
+        self.pc: RTCPeerConnection | None = None
+        self.track = PacedAudioTrack()
+        self.conversation: Conversation | None = None
+        self._channel: RTCDataChannel | None = None
+        self._outbox: deque[str] = deque(maxlen=MAX_QUEUED_EVENTS)
+        self._inbox: asyncio.Queue[str | bytes] = asyncio.Queue(maxsize=MAX_INBOUND_EVENTS)
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._closed = False
+        self.connected = asyncio.Event()
+        self.done = asyncio.Event()
+
+    # -- signaling --------------------------------------------------------------------------------
+    async def answer(self, sdp: str, type_: str = "offer") -> RTCSessionDescription:
+        if type_ != "offer":
+            raise OfferError("Only an SDP 'offer' can be answered.")
+        _check_offer(sdp)
+        pc = RTCPeerConnection(RTCConfiguration(iceServers=self._ice_servers))
+        self.pc = pc
+        self.conversation = self._make_conversation(self.track, self.send)
+        pc.on("datachannel", self._on_datachannel)
+        pc.on("track", self._on_track)
+        pc.on("connectionstatechange", self._on_connection_state)
+        try:
+            await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
+        except Exception as exc:  # aiortc raises many kinds on malformed SDP; all mean "bad offer"
+            raise OfferError(f"The SDP offer could not be parsed: {exc or type(exc).__name__}") from exc
+        audio = [t for t in pc.getTransceivers() if t.kind == "audio"]
+        if not audio:
+            raise OfferError("The SDP offer has no usable audio section.")
+        if not any(c.name.lower() in ("opus", "pcmu", "pcma") for c in _codecs(audio[0])):
+            raise OfferError("The SDP offer has no audio codec rtcvoice can decode (Opus, PCMU or PCMA).")
+        pc.addTrack(self.track)
+        answer = await pc.createAnswer()
+        await pc.setLocalDescription(answer)
+        self.conversation.start()
+        self._spawn(self._event_loop(), "events")
+        local = pc.localDescription
+        return RTCSessionDescription(sdp=local.sdp, type=local.type)
+
+    # -- events -----------------------------------------------------------------------------------
+    def send(self, event: dict[str, Any]) -> None:
+        text = json.dumps(event, separators=(",", ":"))
+        channel = self._channel
+        if channel is not None and channel.readyState == "open":
+            channel.send(text)
+        else:
+            self._outbox.append(text)
+
+    def _on_datachannel(self, channel: RTCDataChannel) -> None:
+        self._channel = channel
+
+        @channel.on("open")
+        def _open() -> None:
+            self._drain_outbox()
+
+        @channel.on("message")
+        def _message(message: str | bytes) -> None:
+            try:
+                self._inbox.put_nowait(message)
+            except asyncio.QueueFull:
+                self.send({"type": "error", "session_id": self.session_id, "code": "rate_limited",
+                           "message": "Too many events at once; slow down."})
+
+        if channel.readyState == "open":
+            self._drain_outbox()
+
+    def _drain_outbox(self) -> None:
+        channel = self._channel
+        while self._outbox and channel is not None and channel.readyState == "open":
+            channel.send(self._outbox.popleft())
+
+    async def _event_loop(self) -> None:
+        # One consumer keeps a session's client events in order.
+        assert self.conversation is not None
+        while True:
+            message = await self._inbox.get()
+            await self.conversation.handle_client_message(message)
+
+    # -- media ------------------------------------------------------------------------------------
+    def _on_track(self, track: MediaStreamTrack) -> None:
+        if track.kind == "audio":
+            self._spawn(self._read_audio(track), "audio-in")
+
+    async def _read_audio(self, track: MediaStreamTrack) -> None:
+        assert self.conversation is not None
+        resampler = StreamResampler(STT_RATE)
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                frame = await track.recv()
+            except MediaStreamError:
+                log.info("session %s: inbound audio ended", self.session_id)
+                return
+            pcm = await loop.run_in_executor(self._executor, resampler.frame, frame)
+            await self.conversation.push_audio(pcm)
+
+    def _on_connection_state(self) -> None:
+        assert self.pc is not None
+        state = self.pc.connectionState
+        log.info("session %s: connection %s", self.session_id, state)
+        if state == "connected":
+            self.connected.set()
+        elif state in ("failed", "closed"):
+            self._spawn(self.close(), "close")
+
+    # -- lifecycle --------------------------------------------------------------------------------
+    def _spawn(self, coro: Awaitable[Any], name: str) -> None:
+        task = asyncio.ensure_future(coro)
+        task.set_name(f"{name}-{self.session_id}")
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("session %s: task %s failed", self.session_id, task.get_name(), exc_info=task.exception())
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        current = asyncio.current_task()
+        tasks = [t for t in self._tasks if t is not current]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if self.conversation is not None:
+            await self.conversation.aclose()
+        self.track.stop()
+        if self.pc is not None:
+            await self.pc.close()
+        self.done.set()
+        if self._on_closed is not None:
+            await self._on_closed(self)
+
+
+def _codecs(transceiver: Any) -> list[Any]:
+    return list(getattr(transceiver, "_codecs", []) or [])
+
+
+def ice_servers_from_urls(urls: list[str], username: str | None = None, credential: str | None = None) -> list[RTCIceServer]:
+    return [RTCIceServer(urls=url, username=username, credential=credential) for url in urls]
