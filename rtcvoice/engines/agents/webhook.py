@@ -75,7 +75,7 @@ class WebhookAgent:
         try:
             async with self._client().post(self.url, json=body) as resp:
                 if resp.status >= 300:
-                    text = await resp.text(errors="replace")
+                    text = (await resp.read()).decode("utf-8", errors="replace")
                     raise AgentError(
                         f"webhook {self.url} returned HTTP {resp.status}: {_snippet(text) or '(empty body)'}"
                     )
@@ -111,7 +111,7 @@ class WebhookAgent:
 
 
 async def _lines(resp: aiohttp.ClientResponse) -> AsyncIterator[str]:
-    decoder = codecs.getincrementaldecoder(resp.charset or "utf-8")(errors="replace")
+    decoder = _decoder(resp)
     async for raw in resp.content:
         yield decoder.decode(raw).rstrip("\r\n")
     tail = decoder.decode(b"", final=True)
@@ -206,7 +206,7 @@ def _delta_from_object(obj: dict[str, Any], resp: aiohttp.ClientResponse) -> str
 async def _read_json(resp: aiohttp.ClientResponse) -> AsyncGenerator[str, None]:
     raw = await resp.read()
     try:
-        value = json.loads(raw.decode(resp.charset or "utf-8", errors="replace"))
+        value = json.loads(raw.decode("utf-8", errors="replace"))  # JSON is UTF-8 (RFC 8259)
     except json.JSONDecodeError as exc:
         raise AgentError(
             f"webhook {resp.url} sent invalid JSON: {_snippet(raw.decode(errors='replace'))}"
@@ -241,7 +241,7 @@ def _whole_reply(value: Any) -> str | None:
 
 async def _read_text(resp: aiohttp.ClientResponse) -> AsyncGenerator[str, None]:
     # Incremental decoding: a chunk boundary may split a multi-byte character.
-    decoder = codecs.getincrementaldecoder(resp.charset or "utf-8")(errors="replace")
+    decoder = _decoder(resp)
     async for chunk in resp.content.iter_any():
         text = decoder.decode(chunk)
         if text:
@@ -249,6 +249,14 @@ async def _read_text(resp: aiohttp.ClientResponse) -> AsyncGenerator[str, None]:
     tail = decoder.decode(b"", final=True)
     if tail:
         yield tail
+
+
+def _decoder(resp: aiohttp.ClientResponse) -> codecs.IncrementalDecoder:
+    try:
+        return codecs.getincrementaldecoder(resp.charset or "utf-8")(errors="replace")
+    except LookupError:
+        log.warning("webhook %s declared unknown charset %r; decoding as UTF-8", resp.url, resp.charset)
+        return codecs.getincrementaldecoder("utf-8")(errors="replace")
 
 
 def _snippet(text: str, limit: int = 300) -> str:

@@ -58,14 +58,11 @@ class OpenAITranscribeStt:
         # Whisper-style APIs take ISO-639-1 ("en"), not a locale ("en-US").
         lang = language.split("-")[0].lower() if language else ""
         try:
-            if lang:
-                result = await self._client.audio.transcriptions.create(
-                    model=self.model, file=("audio.wav", wav_bytes(audio), "audio/wav"), language=lang
-                )
-            else:
-                result = await self._client.audio.transcriptions.create(
-                    model=self.model, file=("audio.wav", wav_bytes(audio), "audio/wav")
-                )
+            result = await self._client.audio.transcriptions.create(
+                model=self.model,
+                file=("audio.wav", wav_bytes(audio), "audio/wav"),
+                language=lang or openai.omit,
+            )
         except openai.OpenAIError as exc:
             raise SttError(f"OpenAI transcription request failed ({type(exc).__name__}): {exc}") from exc
         return str(result.text).strip()

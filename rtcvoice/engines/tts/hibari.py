@@ -18,6 +18,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
+from hibari import Hibari
+from hibari.voices import VOICES, voice_path
 
 from ..base import FloatAudio, TtsError, Voice
 
@@ -25,7 +27,7 @@ log = logging.getLogger(__name__)
 
 SAMPLE_RATE = 24000
 DEFAULT_VOICE = "heart"
-# hibari's model accepts 0.5 .. 2.0; beyond that it garbles.
+# The speed range hibari documents (1.0 is the pace of the voice it was distilled from).
 _MIN_SPEED, _MAX_SPEED = 0.5, 2.0
 
 
@@ -35,15 +37,11 @@ def _downloads_allowed() -> bool:
 
 
 def _registry() -> dict[str, dict[str, Any]]:
-    from hibari.voices import VOICES
-
     return dict(VOICES)
 
 
 def _local_model_path(voice: str) -> str | None:
     """The voice's ONNX file if it is on disk (bundled or cached), else None. Never downloads."""
-    from hibari.voices import voice_path
-
     try:
         return str(voice_path(voice, download_missing=False))
     except FileNotFoundError:
@@ -59,19 +57,23 @@ class HibariTts:
         self._models: dict[str, Any] = {}
         self._load_lock = asyncio.Lock()
         self._closed = False
+        # Looked up once: it stats files, which must not happen on the event loop per request.
+        # A voice fetched while the server runs is offered after a restart.
+        self._available = self._scan_voices()
         self._check_voice(default_voice)
         self.default_voice = default_voice
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tts-hibari")
 
     # -- voices ---------------------------------------------------------------------------------
-    def _available(self) -> dict[str, dict[str, Any]]:
+    @staticmethod
+    def _scan_voices() -> dict[str, dict[str, Any]]:
         registry = _registry()
         if _downloads_allowed():
             return registry
         return {vid: meta for vid, meta in registry.items() if _local_model_path(vid) is not None}
 
     def _check_voice(self, voice: str) -> None:
-        available = self._available()
+        available = self._available
         if voice in available:
             return
         valid = ", ".join(sorted(available))
@@ -93,18 +95,14 @@ class HibariTts:
                 engine=self.name,
                 online=False,
             )
-            for vid, meta in self._available().items()
+            for vid, meta in self._available.items()
         ]
 
     # -- model ----------------------------------------------------------------------------------
     def _load(self, voice: str) -> Any:
-        from hibari import Hibari
-
         # An explicit model path means hibari itself can never decide to download.
         path = _local_model_path(voice)
         if path is None:
-            from hibari.voices import voice_path
-
             path = str(voice_path(voice))  # only reached when downloads are allowed
         model = Hibari(voice=voice, model=path, threads=self._threads)
         # The G2P (lexicons, tagger) loads lazily on first use; touch it here so the first real
@@ -148,8 +146,6 @@ class HibariTts:
         speed = min(_MAX_SPEED, max(_MIN_SPEED, float(speed)))
         rng = np.random.default_rng()
         loop = asyncio.get_running_loop()
-        from hibari import Hibari
-
         # Sentence by sentence, so the first sentence plays while the rest is still being made;
         # phonemize() further splits an over-long sentence at clauses (the model's input limit).
         for sentence in Hibari.split_sentences(text):
@@ -159,7 +155,9 @@ class HibariTts:
                 raise TtsError(f"hibari could not phonemize {sentence[:60]!r}: {exc}") from exc
             for phonemes in chunks:
                 try:
-                    audio = await loop.run_in_executor(self._executor, self._render, model, phonemes, speed, rng)
+                    audio = await loop.run_in_executor(
+                        self._executor, self._render, model, phonemes, speed, rng
+                    )
                 except Exception as exc:
                     raise TtsError(f"hibari synthesis failed for {sentence[:60]!r}: {exc}") from exc
                 if audio.size:

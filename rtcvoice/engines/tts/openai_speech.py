@@ -19,8 +19,6 @@ log = logging.getLogger(__name__)
 SAMPLE_RATE = 24000  # what OpenAI's response_format="pcm" is defined to be
 DEFAULT_VOICE = "alloy"
 DEFAULT_MODEL = "tts-1"
-# ~100 ms of audio per read: small enough for a quick first chunk, big enough to not spin.
-_READ_BYTES = SAMPLE_RATE // 10 * 2
 
 _VOICES: tuple[tuple[str, str], ...] = (
     ("alloy", "neutral"),
@@ -94,9 +92,10 @@ class OpenAISpeechTts:
                 response_format="pcm",
                 speed=speed,
             ) as response:
-                async for chunk in response.iter_bytes(_READ_BYTES):
+                # Whatever each network read brings, without waiting to fill a fixed size: first
+                # audio as early as possible. Reads may end mid-sample, hence the remainder.
+                async for chunk in response.iter_bytes():
                     data = remainder + chunk
-                    # A read can end mid-sample; keep the odd byte for the next one.
                     usable = len(data) - (len(data) % 2)
                     remainder = data[usable:]
                     if usable:

@@ -1,0 +1,75 @@
+"""Shared fixtures: engines loaded once, real servers on free ports, the fake OpenAI endpoint."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import pytest
+from aiohttp import web
+
+from rtcvoice.engines import Engines, load_engines
+from rtcvoice.engines.agents.echo import EchoAgent
+from rtcvoice.engines.agents.openai_chat import OpenAIChatAgent
+from rtcvoice.engines.base import Agent
+from rtcvoice.server import create_app
+from rtcvoice.settings import Settings
+
+from fake_openai import FakeOpenAI
+
+
+BASE_SETTINGS = Settings.from_env({}, agent="echo", llm_max_tokens=60)
+
+
+@pytest.fixture(scope="session")
+async def shared_engines() -> AsyncIterator[Engines]:
+    """Whisper, hibari and Silero, loaded and warmed once for the whole run."""
+    engines = await load_engines(BASE_SETTINGS)
+    yield engines
+    await engines.aclose()
+
+
+@pytest.fixture
+async def fake_openai() -> AsyncIterator[FakeOpenAI]:
+    async with FakeOpenAI() as fake:
+        yield fake
+
+
+ServerFactory = Callable[..., Awaitable[str]]
+
+
+@pytest.fixture
+async def start_server(shared_engines: Engines) -> AsyncIterator[ServerFactory]:
+    """Start a real rtcvoice server: ``await start_server(agent=..., **settings)`` → base URL."""
+    runners: list[web.AppRunner] = []
+    agents: list[Agent] = []
+
+    async def start(agent: Agent | None = None, **overrides: Any) -> str:
+        settings = BASE_SETTINGS.replace(**overrides)
+        engines = shared_engines
+        if agent is not None:
+            engines = dataclasses.replace(shared_engines, agent=agent)
+            agents.append(agent)
+        app = create_app(settings, engines=engines)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        runners.append(runner)
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        return f"http://127.0.0.1:{port}"
+
+    yield start
+    for runner in runners:
+        await runner.cleanup()
+    for agent in agents:
+        await agent.aclose()
+
+
+def openai_agent(fake: FakeOpenAI, **overrides: Any) -> OpenAIChatAgent:
+    return OpenAIChatAgent(BASE_SETTINGS.replace(agent="openai", openai_base_url=fake.base_url, llm_model="fake", **overrides))
+
+
+def echo_agent() -> EchoAgent:
+    return EchoAgent()

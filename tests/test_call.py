@@ -1,0 +1,185 @@
+"""End to end: a real aiortc client calls a real server; speech in, speech out."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from conftest import ServerFactory, echo_agent, openai_agent
+from fake_openai import FakeOpenAI
+from speech import speak, wer
+
+from rtcvoice.audio import STT_RATE, int16_to_float, resample_pcm, rms_dbfs
+from rtcvoice.client import VoiceCallClient
+from rtcvoice.engines import Engines
+
+QUESTION = "What is the capital of France?"
+ANSWER = "Paris is the capital of France. It is famous for the Eiffel Tower."
+METRIC_KEYS = ("end_of_turn", "stt", "llm_first_token", "tts_first_audio", "voice_to_voice")
+
+
+async def transcribe_received(engines: Engines, client: VoiceCallClient) -> str:
+    pcm = resample_pcm(client.received.pcm(), 48_000, STT_RATE)
+    return await engines.stt.transcribe(int16_to_float(pcm))
+
+
+async def call(url: str, **session: Any) -> VoiceCallClient:
+    client = VoiceCallClient(url)
+    await client.connect(session=session)
+    return client
+
+
+async def test_spoken_question_gets_a_spoken_answer(
+    start_server: ServerFactory, fake_openai: FakeOpenAI, shared_engines: Engines
+) -> None:
+    fake_openai.reply = ANSWER
+    url = await start_server(agent=openai_agent(fake_openai))
+    client = await call(url)
+    try:
+        client.play(*speak(QUESTION))
+        end = await client.wait_count("end_of_response", 1, 60)
+        await asyncio.sleep(0.4)  # the last frames are in flight behind the event
+    finally:
+        await client.close()
+
+    assert end["interrupted"] is False
+    finals = client.of_type("final_transcript")
+    assert len(finals) == 1 and wer(QUESTION, finals[0]["text"]) <= 0.25, finals
+    assert "".join(e["text"] for e in client.of_type("ai_text")) == ANSWER
+    assert [e["state"] for e in client.of_type("state")] == ["listening", "thinking", "speaking", "listening"]
+    assert client.of_type("speech_started") and client.of_type("speech_stopped")
+    metrics = client.of_type("metrics")
+    assert len(metrics) == 1 and all(isinstance(metrics[0][k], float) for k in METRIC_KEYS), metrics
+    assert all(e["session_id"] == client.session_id for _t, e in client.events)
+
+    # The agent got the system prompt and what the user said.
+    sent = fake_openai.requests[0]["messages"]
+    assert sent[0]["role"] == "system" and sent[-1] == {"role": "user", "content": finals[0]["text"]}
+
+    # What came back over the audio track is the answer, spoken.
+    heard = await transcribe_received(shared_engines, client)
+    assert wer(ANSWER, heard) <= 0.3, heard
+
+
+async def test_partial_transcripts_arrive_while_the_user_speaks(start_server: ServerFactory) -> None:
+    url = await start_server(agent=echo_agent(), partial_interval_ms=400)
+    client = await call(url)
+    try:
+        long_question = "Could you tell me how far it is from the earth to the moon, and how long the trip takes?"
+        client.play(*speak(long_question))
+        await client.wait_count("end_of_response", 1, 60)
+    finally:
+        await client.close()
+    types = [e["type"] for _t, e in client.events]
+    partials = client.of_type("partial_transcript")
+    assert len(partials) >= 2, types
+    # Partials come between speech_started and speech_stopped, before the final.
+    assert types.index("speech_started") < types.index("partial_transcript") < types.index("speech_stopped")
+    assert wer(long_question, client.of_type("final_transcript")[0]["text"]) <= 0.25
+
+
+async def test_barge_in_stops_the_reply_and_keeps_what_was_said(
+    start_server: ServerFactory, fake_openai: FakeOpenAI
+) -> None:
+    long_reply = " ".join(
+        f"This is sentence number {n} of a very long answer that goes on and on." for n in range(1, 9)
+    )
+    fake_openai.reply = long_reply
+    url = await start_server(agent=openai_agent(fake_openai))
+    client = await call(url)
+    try:
+        client.play(*speak(QUESTION))
+        await client.wait_for(lambda e: e.get("type") == "state" and e["state"] == "speaking", 60)
+        await asyncio.sleep(1.5)
+        fake_openai.reply = "Sure, I will stop."
+        client.play(*speak("Stop, please wait.", lead_s=0.0))
+        first_end = await client.wait_count("end_of_response", 1, 30)
+        interrupted_at = client.event_time(first_end)
+        second_end = await client.wait_count("end_of_response", 2, 60)
+    finally:
+        await client.close()
+
+    assert first_end["interrupted"] is True
+    assert second_end["interrupted"] is False
+    # The reply was audible before the barge-in and went quiet right after it, long before
+    # the eight sentences (~30 s) would have ended, and before the next answer began.
+    assert rms_dbfs(client.received.between(interrupted_at - 1.0, interrupted_at - 0.2)) > -35
+    quiet = client.received.between(interrupted_at + 0.25, interrupted_at + 0.9)
+    assert quiet.size and rms_dbfs(quiet) < -55, rms_dbfs(quiet)
+
+    # History keeps only what the caller heard, marked by the second request to the agent.
+    second_request = fake_openai.requests[1]["messages"]
+    said = [m for m in second_request if m["role"] == "assistant"]
+    assert len(said) == 1
+    assert said[0]["content"] and long_reply.startswith(said[0]["content"][:40])
+    assert len(said[0]["content"]) < len(long_reply) / 2
+
+
+async def test_text_messages_and_control_events_share_the_call(start_server: ServerFactory) -> None:
+    url = await start_server(agent=echo_agent())
+    client = await call(url)
+    try:
+        client.send({"type": "ping", "id": 7})
+        pong = await client.wait_for(lambda e: e.get("type") == "pong", 10)
+        assert pong["id"] == 7
+        client._channel.send("this is not json")
+        client.send({"type": "launch_rockets"})
+        client.send({"type": "session.update", "voice": "no-such-voice"})
+        client.send({"type": "text_message", "content": 42})
+        errors = [await client.wait_count("error", n, 10) for n in (1, 2, 3, 4)]
+        assert [e["code"] for e in errors] == ["invalid_json", "unknown_event", "invalid_voice", "invalid_event"]
+        client.send({"type": "session.update", "instructions": "Be brief.", "speed": 1.2})
+        updated = await client.wait_for(lambda e: e.get("type") == "session.updated", 10)
+        assert updated["speed"] == 1.2
+        client.send({"type": "text_message", "content": "Hello from the keyboard."})
+        end = await client.wait_count("end_of_response", 1, 30)
+        assert end["text"] == "You said: Hello from the keyboard."
+        assert client.of_type("metrics")[0]["tts_first_audio"] is not None
+    finally:
+        await client.close()
+
+
+async def test_interrupt_event_stops_speaking_at_once(start_server: ServerFactory, fake_openai: FakeOpenAI) -> None:
+    fake_openai.reply = " ".join(["This answer is long and it keeps going for a while."] * 6)
+    url = await start_server(agent=openai_agent(fake_openai))
+    client = await call(url)
+    try:
+        client.send({"type": "text_message", "content": "Talk for a while."})
+        await client.wait_for(lambda e: e.get("type") == "state" and e["state"] == "speaking", 30)
+        await asyncio.sleep(1.0)
+        client.send({"type": "interrupt"})
+        end = await client.wait_count("end_of_response", 1, 10)
+        t = client.event_time(end)
+        await asyncio.sleep(1.2)
+    finally:
+        await client.close()
+    assert end["interrupted"] is True
+    assert rms_dbfs(client.received.between(t + 0.25, t + 1.0)) < -55
+
+
+async def test_nothing_blocks_the_event_loop_during_a_call(
+    start_server: ServerFactory, fake_openai: FakeOpenAI, caplog: Any
+) -> None:
+    """asyncio's debug mode logs every callback that holds the loop longer than the threshold."""
+    loop = asyncio.get_running_loop()
+    fake_openai.reply = ANSWER
+    url = await start_server(agent=openai_agent(fake_openai))
+    previous = (loop.get_debug(), loop.slow_callback_duration)
+    loop.set_debug(True)
+    # STT alone takes ~300 ms and TTS ~50 ms per sentence here: any of them on the loop trips this.
+    loop.slow_callback_duration = 0.1
+    caplog.set_level(logging.WARNING, logger="asyncio")
+    try:
+        client = await call(url)
+        try:
+            client.play(*speak(QUESTION))
+            client.send({"type": "text_message", "content": "And in one word?"})
+            await client.wait_count("end_of_response", 2, 60)
+        finally:
+            await client.close()
+    finally:
+        loop.set_debug(previous[0])
+        loop.slow_callback_duration = previous[1]
+    slow = [r.getMessage() for r in caplog.records if r.name == "asyncio" and "took" in r.getMessage()]
+    assert not slow, slow

@@ -1,0 +1,102 @@
+"""Turn detection, sentence chunking and the paced track, with synthetic inputs."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import numpy as np
+from speech import speak
+
+from rtcvoice.audio import STT_RATE, int16_to_float, resample_pcm
+from rtcvoice.conversation.chunker import SentenceChunker
+from rtcvoice.conversation.turns import TurnDetector, TurnEvent
+from rtcvoice.engines import Engines
+from rtcvoice.transports.tracks import FRAME_SAMPLES, PacedAudioTrack
+
+
+def feed(detector: TurnDetector, probs: list[float]) -> list[tuple[int, TurnEvent]]:
+    return [(i, ev) for i, p in enumerate(probs) if (ev := detector.feed(p)) is not None]
+
+
+def test_speech_starts_only_after_the_minimum_duration() -> None:
+    d = TurnDetector(window_ms=32, min_speech_ms=96, end_silence_ms=320)
+    assert feed(d, [0.9, 0.9, 0.1, 0.9, 0.9]) == []  # two windows: a click, not speech
+    assert feed(d, [0.9]) == [(0, TurnEvent.SPEECH_START)]
+
+
+def test_turn_ends_after_the_configured_silence_and_not_before() -> None:
+    d = TurnDetector(window_ms=32, min_speech_ms=32, end_silence_ms=320)
+    events = feed(d, [0.9] * 5 + [0.1] * 9 + [0.9] + [0.1] * 10)
+    # Nine quiet windows (288 ms) are a pause; ten after the word are the end of the turn.
+    assert events == [(0, TurnEvent.SPEECH_START), (24, TurnEvent.TURN_END)]
+
+
+def test_hysteresis_keeps_a_soft_syllable_inside_the_turn() -> None:
+    d = TurnDetector(window_ms=32, threshold=0.5, min_speech_ms=32, end_silence_ms=96)
+    events = feed(d, [0.9, 0.4, 0.4, 0.4, 0.4, 0.1, 0.1, 0.1])
+    assert events == [(0, TurnEvent.SPEECH_START), (7, TurnEvent.TURN_END)]
+
+
+async def test_silero_hears_speech_and_not_silence_or_noise(shared_engines: Engines) -> None:
+    pcm, rate = speak("The weather is lovely today, isn't it?", lead_s=0.5, tail_s=0.5)
+    speech = int16_to_float(resample_pcm(pcm, rate, STT_RATE))
+    stream = shared_engines.vad.stream()
+    probs = stream.process(speech)
+    assert max(probs[:10]) < 0.3 and max(probs) > 0.8 and max(probs[-10:]) < 0.3
+    noise = np.random.default_rng(0).normal(0, 0.02, STT_RATE * 2).astype(np.float32)
+    assert max(shared_engines.vad.stream().process(noise)) < 0.5
+
+
+def test_chunker_cuts_sentences_as_they_complete() -> None:
+    c = SentenceChunker(first_clause_chars=1000)
+    out: list[str] = []
+    for token in "Dr. Smith is here. He says hi! Is 3.5 enough? Yes".split(" "):
+        out += c.push(token + " ")
+    out += c.flush()
+    assert out == ["Dr. Smith is here.", "He says hi!", "Is 3.5 enough?", "Yes"]
+
+
+def test_chunker_speaks_a_long_first_clause_early() -> None:
+    c = SentenceChunker(first_clause_chars=28)
+    out: list[str] = []
+    for token in "Well, the quickest way to get there from here, honestly, is by train. It is".split(" "):
+        out += c.push(token + " ")
+    # Only the first piece may be a clause: later ones wait for the sentence to end.
+    assert out == ["Well, the quickest way to get there from here,", "honestly, is by train."]
+
+
+def test_chunker_drops_pieces_without_words() -> None:
+    c = SentenceChunker()
+    assert c.push("Okay then. ") == ["Okay then."]
+    assert c.push(" ... !! ") == [] and c.flush() == []
+
+
+async def test_paced_track_sends_20ms_frames_on_time_with_silence_when_idle() -> None:
+    track = PacedAudioTrack()
+    track.write(np.full(FRAME_SAMPLES + 100, 1000, np.int16))
+    started = time.monotonic()
+    frames = [await track.recv() for _ in range(10)]
+    elapsed = time.monotonic() - started
+    assert [f.pts for f in frames] == [i * FRAME_SAMPLES for i in range(10)]
+    assert all(f.samples == FRAME_SAMPLES and f.sample_rate == 48_000 for f in frames)
+    assert 0.15 <= elapsed < 0.5  # nine intervals of 20 ms
+    data = [f.to_ndarray().reshape(-1) for f in frames]
+    assert data[0].min() == 1000 and data[1][:100].min() == 1000 and not data[1][100:].any()
+    assert not any(d.any() for d in data[2:])
+    track.stop()
+
+
+async def test_flush_drops_queued_audio_and_reports_what_was_heard() -> None:
+    track = PacedAudioTrack()
+    end = track.write(np.ones(FRAME_SAMPLES * 50, np.int16))
+    done = track.wait_played(end)
+    await track.recv()
+    await track.recv()
+    heard = track.flush()
+    assert heard == 2 * FRAME_SAMPLES
+    assert await asyncio.wait_for(done, 1) is False  # flushed, never played
+    frame = await track.recv()
+    assert not frame.to_ndarray().any()
+    assert await track.wait_played(track.written) is True
+    track.stop()
