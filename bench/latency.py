@@ -68,7 +68,10 @@ def start_server(extra: list[str]) -> tuple[subprocess.Popen[str], str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RTCVOICE_", "OPENAI_"))}
     proc = subprocess.Popen(
         [sys.executable, "-m", "rtcvoice", "serve", "--port", str(port), "--log-level", "WARNING", *extra],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     url = f"http://127.0.0.1:{port}"
     import urllib.request
@@ -99,7 +102,7 @@ async def main() -> None:
         audio = [question_audio(q) for q in QUESTIONS]
         rows = []
         for run in range(args.runs):
-            for q, (pcm, rate) in zip(QUESTIONS, audio, strict=True):
+            for _q, (pcm, rate) in zip(QUESTIONS, audio, strict=True):
                 row = await one_turn(server, pcm, rate)
                 row["run"] = run
                 rows.append(row)
@@ -108,7 +111,10 @@ async def main() -> None:
         med = {k: statistics.median(r[k] for r in rows if r[k] is not None) for k in keys}
         print(json.dumps({"turns": len(rows), "median_ms": med}))
         v2v = med["voice_to_voice"]
-        share = {k: round(100 * med[k] / v2v, 1) for k in ("end_of_turn", "stt", "llm_first_token", "tts_first_audio")}
+        share = {
+            k: round(100 * med[k] / v2v, 1)
+            for k in ("end_of_turn", "stt", "llm_first_token", "tts_first_audio")
+        }
         share["other"] = round(100 - sum(share.values()), 1)
         print(json.dumps({"share_of_voice_to_voice_pct": share}))
     finally:

@@ -94,7 +94,9 @@ def resample_pcm(pcm: Int16Audio, in_rate: int, out_rate: int) -> Int16Audio:
     return np.concatenate([r.pcm(pcm, in_rate), r.flush()])
 
 
-def audible_bounds(audio: FloatAudio, rate: int, threshold: float = 0.003, block_ms: int = 10) -> tuple[int, int] | None:
+def audible_bounds(
+    audio: FloatAudio, rate: int, threshold: float = 0.003, block_ms: int = 10
+) -> tuple[int, int] | None:
     """(first, last) sample of the audible part: the span of 10 ms blocks louder than ``threshold`` RMS."""
     block = max(1, rate * block_ms // 1000)
     n = audio.size // block
@@ -107,7 +109,9 @@ def audible_bounds(audio: FloatAudio, rate: int, threshold: float = 0.003, block
     return int(loud[0] * block), int(min(audio.size, (loud[-1] + 1) * block))
 
 
-def trim_silence(audio: FloatAudio, rate: int, *, keep_lead_s: float | None, keep_tail_s: float | None) -> FloatAudio:
+def trim_silence(
+    audio: FloatAudio, rate: int, *, keep_lead_s: float | None, keep_tail_s: float | None
+) -> FloatAudio:
     """Cut leading/trailing silence down to at most ``keep_*_s`` (None leaves that side alone)."""
     bounds = audible_bounds(audio, rate)
     if bounds is None:

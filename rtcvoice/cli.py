@@ -81,7 +81,11 @@ async def _serve(settings: Settings) -> int:
         return 2
     log.info(
         "rtcvoice listening on http://%s:%d  (stt=%s agent=%s tts=%s)",
-        settings.host, settings.port, engines.stt.name, engines.agent.name, engines.tts.name,
+        settings.host,
+        settings.port,
+        engines.stt.name,
+        engines.agent.name,
+        engines.tts.name,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
+import av
 import numpy as np
 from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
@@ -137,6 +138,8 @@ class VoiceCallClient:
                 frame = await track.recv()
             except MediaStreamError:
                 return
+            if not isinstance(frame, av.AudioFrame):
+                continue
             self.received.chunks.append(resampler.frame(frame))
             self.received.times.append(time.monotonic())
 
@@ -173,6 +176,7 @@ class VoiceCallClient:
         self, predicate: Callable[[dict[str, Any]], bool], timeout: float = 60.0, *, after: int = 0
     ) -> dict[str, Any]:
         """The first event (from index ``after``) matching ``predicate``."""
+
         async def scan() -> dict[str, Any]:
             async with self._event_cond:
                 seen = after

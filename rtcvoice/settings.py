@@ -35,7 +35,9 @@ class Settings:
         "Comma-separated STUN/TURN URLs for both peers (e.g. stun:stun.example.com:3478). "
         "Empty: none, so nothing outside this machine is contacted.",
     )
-    session_start_timeout_s: float = _opt(60.0, "Close a started session that gets no offer within this time.")
+    session_start_timeout_s: float = _opt(
+        60.0, "Close a started session that gets no offer within this time."
+    )
     ice_connect_timeout_s: float = _opt(30.0, "Close a session whose ICE does not connect within this time.")
     max_sessions: int = _opt(32, "Maximum concurrent sessions; more get 503.")
     # -- turn taking ----------------------------------------------------------------------------
@@ -46,7 +48,9 @@ class Settings:
     min_speech_ms: int = _opt(
         96, "Speech shorter than this (ms) is ignored: it neither starts a turn nor interrupts the AI."
     )
-    partial_interval_ms: int = _opt(600, "How often partial transcripts are produced while the user speaks (ms).")
+    partial_interval_ms: int = _opt(
+        600, "How often partial transcripts are produced while the user speaks (ms)."
+    )
     max_utterance_s: float = _opt(30.0, "A single turn longer than this is ended and transcribed.")
     # -- speech to text -------------------------------------------------------------------------
     stt: str = _opt("whisper", "Speech-to-text engine.", choices=["whisper", "openai"])
@@ -67,7 +71,9 @@ class Settings:
         "(openai if OPENAI_BASE_URL or OPENAI_API_KEY is set, else local).",
         choices=["auto", "openai", "local", "webhook", "echo"],
     )
-    openai_base_url: str = _opt("", "OpenAI-compatible API base URL (Ollama, vLLM, llama.cpp server...).", env="OPENAI_BASE_URL")
+    openai_base_url: str = _opt(
+        "", "OpenAI-compatible API base URL (Ollama, vLLM, llama.cpp server...).", env="OPENAI_BASE_URL"
+    )
     openai_api_key: str = _opt("", "API key for the OpenAI-compatible endpoint.", env="OPENAI_API_KEY")
     llm_model: str = _opt(
         "", "Chat model name for agent=openai (default gpt-4o-mini) or a GGUF path for agent=local."

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 from aiohttp import web
+from fake_openai import FakeOpenAI
 
 from rtcvoice.engines import Engines, load_engines
 from rtcvoice.engines.agents.echo import EchoAgent
@@ -15,9 +16,6 @@ from rtcvoice.engines.agents.openai_chat import OpenAIChatAgent
 from rtcvoice.engines.base import Agent
 from rtcvoice.server import create_app
 from rtcvoice.settings import Settings
-
-from fake_openai import FakeOpenAI
-
 
 BASE_SETTINGS = Settings.from_env({}, agent="echo", llm_max_tokens=60)
 
@@ -68,7 +66,9 @@ async def start_server(shared_engines: Engines) -> AsyncIterator[ServerFactory]:
 
 
 def openai_agent(fake: FakeOpenAI, **overrides: Any) -> OpenAIChatAgent:
-    return OpenAIChatAgent(BASE_SETTINGS.replace(agent="openai", openai_base_url=fake.base_url, llm_model="fake", **overrides))
+    return OpenAIChatAgent(
+        BASE_SETTINGS.replace(agent="openai", openai_base_url=fake.base_url, llm_model="fake", **overrides)
+    )
 
 
 def echo_agent() -> EchoAgent:

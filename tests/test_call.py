@@ -66,7 +66,9 @@ async def test_partial_transcripts_arrive_while_the_user_speaks(start_server: Se
     url = await start_server(agent=echo_agent(), partial_interval_ms=400)
     client = await call(url)
     try:
-        long_question = "Could you tell me how far it is from the earth to the moon, and how long the trip takes?"
+        long_question = (
+            "Could you tell me how far it is from the earth to the moon, and how long the trip takes?"
+        )
         client.play(*speak(long_question))
         await client.wait_count("end_of_response", 1, 60)
     finally:
@@ -128,7 +130,12 @@ async def test_text_messages_and_control_events_share_the_call(start_server: Ser
         client.send({"type": "session.update", "voice": "no-such-voice"})
         client.send({"type": "text_message", "content": 42})
         errors = [await client.wait_count("error", n, 10) for n in (1, 2, 3, 4)]
-        assert [e["code"] for e in errors] == ["invalid_json", "unknown_event", "invalid_voice", "invalid_event"]
+        assert [e["code"] for e in errors] == [
+            "invalid_json",
+            "unknown_event",
+            "invalid_voice",
+            "invalid_event",
+        ]
         client.send({"type": "session.update", "instructions": "Be brief.", "speed": 1.2})
         updated = await client.wait_for(lambda e: e.get("type") == "session.updated", 10)
         assert updated["speed"] == 1.2
@@ -140,7 +147,9 @@ async def test_text_messages_and_control_events_share_the_call(start_server: Ser
         await client.close()
 
 
-async def test_interrupt_event_stops_speaking_at_once(start_server: ServerFactory, fake_openai: FakeOpenAI) -> None:
+async def test_interrupt_event_stops_speaking_at_once(
+    start_server: ServerFactory, fake_openai: FakeOpenAI
+) -> None:
     fake_openai.reply = " ".join(["This answer is long and it keeps going for a while."] * 6)
     url = await start_server(agent=openai_agent(fake_openai))
     client = await call(url)

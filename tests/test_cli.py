@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -55,16 +56,25 @@ async def test_serve_and_call_hold_a_spoken_exchange_offline(tmp_path: Path, sha
     write_wav(wav, *speak(question))
     out = tmp_path / "reply.wav"
     port = free_port()
-    server = subprocess.Popen(
+    # The blocking process calls run in a thread: this test shares the event loop with the rest.
+    server = await asyncio.to_thread(
+        subprocess.Popen,
         [*RTCVOICE, "serve", "--port", str(port), "--llm-max-tokens", "40"],
-        env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env=clean_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     try:
-        startup = "".join(wait_for_line(server, "listening on", 120))
+        startup = "".join(await asyncio.to_thread(wait_for_line, server, "listening on", 120))
         assert "agent: local" in startup and "(chosen by agent=auto)" in startup, startup
-        call = subprocess.run(
+        call = await asyncio.to_thread(
+            subprocess.run,
             [*RTCVOICE, "call", "--wav", str(wav), "--server", f"http://127.0.0.1:{port}", "--out", str(out)],
-            env=clean_env(), capture_output=True, text=True, timeout=180,
+            env=clean_env(),
+            capture_output=True,
+            text=True,
+            timeout=180,
         )
         assert call.returncode == 0, call.stdout + call.stderr
         events = [json.loads(line) for line in call.stdout.splitlines() if line.startswith("{")]
@@ -83,7 +93,7 @@ async def test_serve_and_call_hold_a_spoken_exchange_offline(tmp_path: Path, sha
     finally:
         server.send_signal(signal.SIGTERM)
         try:
-            rc = server.wait(30)
+            rc = await asyncio.to_thread(server.wait, 30)
         except subprocess.TimeoutExpired:
             server.kill()
             raise
@@ -93,7 +103,10 @@ async def test_serve_and_call_hold_a_spoken_exchange_offline(tmp_path: Path, sha
 def test_serve_says_why_when_no_agent_can_answer() -> None:
     proc = subprocess.run(
         [*RTCVOICE, "serve", "--agent", "webhook", "--port", str(free_port())],
-        env=clean_env(), capture_output=True, text=True, timeout=120,
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 2
     assert "RTCVOICE_WEBHOOK_URL" in proc.stderr, proc.stderr
@@ -108,7 +121,9 @@ def test_serve_help_documents_every_setting() -> None:
         assert "RTCVOICE_" + f.name.upper() in help_text
 
 
-@pytest.mark.parametrize("argv", [["call"], ["call", "--wav", "/nonexistent.wav", "--server", "http://127.0.0.1:9"]])
+@pytest.mark.parametrize(
+    "argv", [["call"], ["call", "--wav", "/nonexistent.wav", "--server", "http://127.0.0.1:9"]]
+)
 def test_call_fails_clearly(argv: list[str]) -> None:
     proc = subprocess.run([*RTCVOICE, *argv], capture_output=True, text=True, timeout=60)
     assert proc.returncode != 0 and proc.stderr.strip()

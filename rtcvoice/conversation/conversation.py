@@ -25,7 +25,15 @@ from typing import Any, Literal, Protocol
 
 import numpy as np
 
-from ..audio import STT_RATE, FloatAudio, Int16Audio, StreamResampler, float_to_int16, int16_to_float, trim_silence
+from ..audio import (
+    STT_RATE,
+    FloatAudio,
+    Int16Audio,
+    StreamResampler,
+    float_to_int16,
+    int16_to_float,
+    trim_silence,
+)
 from ..engines.base import AgentContext, ChatMessage, EngineError, Engines
 from ..engines.vad import WINDOW, WINDOW_MS, VadStream
 from ..settings import Settings
@@ -151,7 +159,9 @@ class Conversation:
             end_silence_ms=settings.end_of_turn_silence_ms,
         )
         self._pending = np.zeros(0, dtype=np.int16)
-        self._pre_roll: deque[Int16Audio] = deque(maxlen=max(1, PRE_ROLL_MS // WINDOW_MS + self.detector.min_speech_windows))
+        self._pre_roll: deque[Int16Audio] = deque(
+            maxlen=max(1, PRE_ROLL_MS // WINDOW_MS + self.detector.min_speech_windows)
+        )
         self._utterance: list[Int16Audio] = []
         self._utterance_samples = 0
         self._last_partial_at = 0.0
@@ -370,7 +380,8 @@ class Conversation:
                         break
                     except TimeoutError:
                         raise EngineError(
-                            f"The agent sent nothing for {self.settings.llm_timeout_s:.0f} s.", code="agent_timeout"
+                            f"The agent sent nothing for {self.settings.llm_timeout_s:.0f} s.",
+                            code="agent_timeout",
                         ) from None
                     if not delta:
                         continue
@@ -509,7 +520,9 @@ class Conversation:
         said = turn.said_before(heard)
         if turn.user_text and said:
             await self._store_reply(turn, interrupted=True, said=said)
-        log.info("session %s: turn %s interrupted (%s); heard %r", self.session_id, turn.id, reason, said[:80])
+        log.info(
+            "session %s: turn %s interrupted (%s); heard %r", self.session_id, turn.id, reason, said[:80]
+        )
         self._finish(turn, interrupted=True)
         return True
 
@@ -540,7 +553,11 @@ class Conversation:
         if "voice" in data:
             known = {v.id for v in self.engines.tts.voices()}
             if known and data["voice"] not in known:
-                self.emit("error", code="invalid_voice", message=f"Unknown voice {data['voice'][:64]!r}; see GET /api/v1/voice/voices.")
+                self.emit(
+                    "error",
+                    code="invalid_voice",
+                    message=f"Unknown voice {data['voice'][:64]!r}; see GET /api/v1/voice/voices.",
+                )
                 return
             self.config.voice = data["voice"]
         if "instructions" in data:
@@ -549,7 +566,9 @@ class Conversation:
             self.config.language = data["language"]
         if "speed" in data:
             self.config.speed = float(data["speed"])
-        self.emit("session.updated", voice=self.config.voice, language=self.config.language, speed=self.config.speed)
+        self.emit(
+            "session.updated", voice=self.config.voice, language=self.config.language, speed=self.config.speed
+        )
 
     # -- lifecycle --------------------------------------------------------------------------------
     def _spawn(self, coro: Awaitable[Any]) -> None:
@@ -573,7 +592,11 @@ class Conversation:
             except asyncio.CancelledError:
                 pass
             except Exception:
-                log.exception("session %s: task %s failed while closing", self.session_id, task.get_name())
+                log.exception(
+                    "session %s: task %s failed while closing",
+                    self.session_id,
+                    getattr(task, "get_name", lambda: "?")(),
+                )
         self._side_tasks.clear()
 
 

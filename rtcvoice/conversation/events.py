@@ -14,7 +14,12 @@ from typing import Any
 MAX_EVENT_BYTES = 16 * 1024
 MAX_TEXT_CHARS = 4000
 CLIENT_EVENT_TYPES = frozenset({"text_message", "interrupt", "session.update", "ping"})
-SESSION_UPDATE_FIELDS = {"voice": str, "instructions": str, "language": str, "speed": (int, float)}
+SESSION_UPDATE_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "voice": str,
+    "instructions": str,
+    "language": str,
+    "speed": (int, float),
+}
 
 
 class EventError(ValueError):
@@ -48,13 +53,18 @@ def parse_client_event(raw: str | bytes) -> ClientEvent:
         raise EventError("invalid_event", "Events must be JSON objects with a string 'type'.")
     kind = data["type"]
     if kind not in CLIENT_EVENT_TYPES:
-        raise EventError("unknown_event", f"Unknown event type {kind[:64]!r}; expected one of {sorted(CLIENT_EVENT_TYPES)}.")
+        raise EventError(
+            "unknown_event",
+            f"Unknown event type {kind[:64]!r}; expected one of {sorted(CLIENT_EVENT_TYPES)}.",
+        )
     if kind == "text_message":
         content = data.get("content")
         if not isinstance(content, str) or not content.strip():
             raise EventError("invalid_event", "text_message needs a non-empty string 'content'.")
         if len(content) > MAX_TEXT_CHARS:
-            raise EventError("message_too_large", f"text_message content is limited to {MAX_TEXT_CHARS} characters.")
+            raise EventError(
+                "message_too_large", f"text_message content is limited to {MAX_TEXT_CHARS} characters."
+            )
     elif kind == "session.update":
         session = data.get("session", data)
         if not isinstance(session, dict):

@@ -23,7 +23,9 @@ async def load_engines(settings: Settings, *, warm: bool = True) -> Engines:
     from .tts import create_tts
 
     started = time.perf_counter()
-    engines = Engines(stt=create_stt(settings), agent=create_agent(settings), tts=create_tts(settings), vad=SileroVad())
+    engines = Engines(
+        stt=create_stt(settings), agent=create_agent(settings), tts=create_tts(settings), vad=SileroVad()
+    )
     if warm:
         try:
             await asyncio.gather(engines.stt.warm_up(), engines.agent.warm_up(), engines.tts.warm_up())

@@ -117,7 +117,9 @@ class TextToSpeech(Protocol):
     sample_rate: int
     default_voice: str
 
-    def synthesize(self, text: str, *, voice: str | None = None, speed: float = 1.0) -> AsyncIterator[FloatAudio]:
+    def synthesize(
+        self, text: str, *, voice: str | None = None, speed: float = 1.0
+    ) -> AsyncIterator[FloatAudio]:
         """Yield mono float32 audio at ``sample_rate`` for ``text`` (one sentence or clause)."""
         ...
 

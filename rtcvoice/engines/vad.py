@@ -31,13 +31,17 @@ class SileroVad:
 
         self.path = path or default_model_path()
         if not Path(self.path).is_file():
-            raise FileNotFoundError(f"Silero VAD model not found at {self.path} (is faster-whisper installed?)")
+            raise FileNotFoundError(
+                f"Silero VAD model not found at {self.path} (is faster-whisper installed?)"
+            )
         opts = onnxruntime.SessionOptions()
         # One thread: a 32 ms window takes well under a millisecond, and sessions run in parallel.
         opts.inter_op_num_threads = 1
         opts.intra_op_num_threads = 1
         opts.log_severity_level = 4
-        self._session = onnxruntime.InferenceSession(self.path, providers=["CPUExecutionProvider"], sess_options=opts)
+        self._session = onnxruntime.InferenceSession(
+            self.path, providers=["CPUExecutionProvider"], sess_options=opts
+        )
 
     def stream(self) -> VadStream:
         return VadStream(self)

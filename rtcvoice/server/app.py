@@ -112,7 +112,11 @@ def _optional_str(body: dict[str, Any], name: str, max_len: int = 4000) -> str |
 def _session_or_404(request: web.Request, session_id: str) -> VoiceSession:
     session = request.app[SESSIONS].get(session_id)
     if session is None:
-        raise ApiError(404, "session_not_found", f"No live session {session_id[:64]!r}; start one with POST {API}/session/start.")
+        raise ApiError(
+            404,
+            "session_not_found",
+            f"No live session {session_id[:64]!r}; start one with POST {API}/session/start.",
+        )
     return session
 
 
@@ -151,7 +155,12 @@ async def session_start(request: web.Request) -> web.Response:
     body = await _json_body(request, required=False)
     registry = request.app[SESSIONS]
     if len(registry) >= registry.max_sessions:
-        raise ApiError(503, "too_many_sessions", "The server is at its call limit; try again shortly.", {"Retry-After": "5"})
+        raise ApiError(
+            503,
+            "too_many_sessions",
+            "The server is at its call limit; try again shortly.",
+            {"Retry-After": "5"},
+        )
     voice = _optional_str(body, "voice", 200)
     if voice is not None and voice not in {v.id for v in request.app[ENGINES].tts.voices()}:
         raise ApiError(400, "invalid_voice", f"Unknown voice {voice[:64]!r}; see GET {API}/voices.")
@@ -182,7 +191,9 @@ async def session_offer(request: web.Request) -> web.Response:
     if not isinstance(kind, str):
         raise ApiError(400, "invalid_sdp", "'type' must be 'offer'.")
     if session.peer is not None:
-        raise ApiError(409, "already_offered", "This session already has a peer connection; start a new session.")
+        raise ApiError(
+            409, "already_offered", "This session already has a peer connection; start a new session."
+        )
     app = request.app
     peer = WebRtcPeer(
         session_id=session.id,

@@ -79,7 +79,7 @@ class PacedAudioTrack(MediaStreamTrack):
         return fut
 
     # -- aiortc side ---------------------------------------------------------------------------
-    async def recv(self) -> av.AudioFrame:  # type: ignore[override]
+    async def recv(self) -> av.AudioFrame:
         if self.readyState != "live":
             raise MediaStreamError
         now = time.monotonic()

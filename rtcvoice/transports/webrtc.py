@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
 from typing import Any
 
+import av
 from aiortc import RTCConfiguration, RTCDataChannel, RTCIceServer, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
@@ -118,8 +119,14 @@ class WebRtcPeer:
             try:
                 self._inbox.put_nowait(message)
             except asyncio.QueueFull:
-                self.send({"type": "error", "session_id": self.session_id, "code": "rate_limited",
-                           "message": "Too many events at once; slow down."})
+                self.send(
+                    {
+                        "type": "error",
+                        "session_id": self.session_id,
+                        "code": "rate_limited",
+                        "message": "Too many events at once; slow down.",
+                    }
+                )
 
         if channel.readyState == "open":
             self._drain_outbox()
@@ -151,6 +158,8 @@ class WebRtcPeer:
             except MediaStreamError:
                 log.info("session %s: inbound audio ended", self.session_id)
                 return
+            if not isinstance(frame, av.AudioFrame):
+                continue
             pcm = await loop.run_in_executor(self._executor, resampler.frame, frame)
             await self.conversation.push_audio(pcm)
 
@@ -173,7 +182,9 @@ class WebRtcPeer:
     def _task_done(self, task: asyncio.Task[Any]) -> None:
         self._tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
-            log.error("session %s: task %s failed", self.session_id, task.get_name(), exc_info=task.exception())
+            log.error(
+                "session %s: task %s failed", self.session_id, task.get_name(), exc_info=task.exception()
+            )
 
     async def close(self) -> None:
         if self._closed:
@@ -198,5 +209,7 @@ def _codecs(transceiver: Any) -> list[Any]:
     return list(getattr(transceiver, "_codecs", []) or [])
 
 
-def ice_servers_from_urls(urls: list[str], username: str | None = None, credential: str | None = None) -> list[RTCIceServer]:
+def ice_servers_from_urls(
+    urls: list[str], username: str | None = None, credential: str | None = None
+) -> list[RTCIceServer]:
     return [RTCIceServer(urls=url, username=username, credential=credential) for url in urls]

