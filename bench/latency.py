@@ -32,7 +32,7 @@ QUESTIONS = [
     "What time is it in Tokyo?",
     "Tell me a fun fact about the moon.",
 ]
-STAGES = ("end_of_turn", "stt", "llm_first_token", "tts_first_audio", "voice_to_voice")
+STAGES = ("end_of_turn", "stt", "llm_first_token", "llm_first_sentence", "tts_first_audio", "voice_to_voice")
 
 
 def question_audio(text: str) -> tuple[np.ndarray, int]:
@@ -48,8 +48,9 @@ async def one_turn(server: str, pcm: np.ndarray, rate: int) -> dict[str, Any]:
     await client.connect()
     try:
         client.play(pcm, rate)
-        await client.wait_count("end_of_response", 1, 120)
-        await asyncio.sleep(0.3)
+        # Metrics arrive with the first reply audio; the rest of the reply is not timed.
+        await client.wait_count("metrics", 1, 120)
+        await asyncio.sleep(1.0)
     finally:
         await client.close()
     metrics = client.of_type("metrics")[0]
@@ -57,7 +58,7 @@ async def one_turn(server: str, pcm: np.ndarray, rate: int) -> dict[str, Any]:
     heard = client.received.first_sound_after(client.speech_ends[0]) if client.speech_ends else None
     row["client_voice_to_voice"] = round((heard - client.speech_ends[0]) * 1000, 1) if heard else None
     row["transcript"] = client.of_type("final_transcript")[0]["text"]
-    row["reply"] = client.of_type("end_of_response")[0]["text"][:60]
+    row["reply"] = "".join(e["text"] for e in client.of_type("ai_text"))[:60]
     return row
 
 

@@ -113,6 +113,7 @@ class Turn:
             "end_of_turn": span("speech_end", "turn_end"),
             "stt": span("stt_start", "stt_end"),
             "llm_first_token": span("llm_start", "llm_first_token"),
+            "llm_first_sentence": span("llm_start", "tts_start"),
             "tts_first_audio": span("tts_start", "tts_first_audio"),
             "voice_to_voice": span("speech_end", "first_audio_played"),
         }
