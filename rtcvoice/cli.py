@@ -39,8 +39,34 @@ def main(argv: list[str] | None = None) -> int:
     call.add_argument("--voice", help="ask for this voice")
     call.add_argument("--timeout", type=float, default=90.0, help="give up after this many seconds")
     call.add_argument("--quiet", action="store_true", help="print only the summary")
+    call.add_argument(
+        "--relay-only",
+        action="store_true",
+        help="ICE over the server's TURN relay only (iceTransportPolicy relay), to check that TURN works; "
+        "the summary shows the candidate pair used",
+    )
+    call.add_argument(
+        "--turn-transport",
+        choices=["udp", "tcp", "tls"],
+        help="reach TURN over this transport (aiortc uses one of the offered TURN URLs; default the first)",
+    )
+
+    bench = sub.add_parser(
+        "bench",
+        help="measure voice-to-voice latency and capacity with real headless calls",
+        description="Starts a server (or uses --server), calls it with spoken questions from real aiortc "
+        "peers, and reports per-stage latency (p50/p95), server CPU and memory per call, and capacity.",
+    )
+    from .bench import add_arguments as add_bench_arguments
+
+    add_bench_arguments(bench)
 
     args = parser.parse_args(argv)
+    if args.command == "bench":
+        _setup_logging("WARNING")
+        from .bench import run as run_bench
+
+        return asyncio.run(run_bench(args))
     if args.command == "serve":
         settings = Settings.from_args(args)
         _setup_logging(settings.log_level)
@@ -115,7 +141,13 @@ async def _call(args: argparse.Namespace) -> int:
         except (OSError, ValueError, EOFError) as exc:
             print(f"rtcvoice call: cannot read {args.wav}: {exc}", file=sys.stderr)
             return 2
-    client = VoiceCallClient(args.server, on_event=show, token=args.token)
+    client = VoiceCallClient(
+        args.server,
+        on_event=show,
+        token=args.token,
+        relay_only=args.relay_only,
+        turn_transport=args.turn_transport,
+    )
     session: dict[str, Any] = {"voice": args.voice} if args.voice else {}
     deadline = time.monotonic() + args.timeout
     ok = False
@@ -153,6 +185,11 @@ def _print_summary(client: Any) -> None:
     replies = [e.get("text") for e in client.of_type("end_of_response")]
     summary["you_said"] = finals
     summary["ai_said"] = replies
+    pair = getattr(client, "candidate_pair", None)
+    if pair is not None:
+        summary["ice"] = {"local": pair.local_type, "remote": pair.remote_type}
+        if client.turn_server is not None:
+            summary["ice"]["turn"] = client.turn_server.urls
     metrics = client.of_type("metrics")
     if metrics:
         summary["server_metrics_ms"] = metrics

@@ -8,7 +8,7 @@ from functools import lru_cache
 import jiwer
 import numpy as np
 
-from rtcvoice.audio import Int16Audio, float_to_int16
+from rtcvoice.audio import Int16Audio, float_to_int16, trim_silence
 
 TTS_RATE = 24_000
 
@@ -22,8 +22,12 @@ def _hibari():  # type: ignore[no-untyped-def]
 
 @lru_cache(maxsize=32)
 def speak(text: str, lead_s: float = 0.3, tail_s: float = 1.2) -> tuple[Int16Audio, int]:
-    """``text`` spoken by hibari's voice, with silence around it, as int16 at 24 kHz."""
-    audio = _hibari()(text, seed=1)
+    """``text`` spoken by hibari's voice with exactly ``lead_s``/``tail_s`` of silence around it.
+
+    hibari pads ~0.3 s before and ~0.4 s after every sentence; that is cut first, so the pauses
+    a test asks for are the pauses it gets.
+    """
+    audio = trim_silence(_hibari()(text, seed=1), TTS_RATE, keep_lead_s=0.0, keep_tail_s=0.0)
     pad = lambda s: np.zeros(int(s * TTS_RATE), np.float32)  # noqa: E731
     return float_to_int16(np.concatenate([pad(lead_s), audio, pad(tail_s)])), TTS_RATE
 

@@ -478,9 +478,19 @@ def test_create_tts_missing_package_names_the_install_command(monkeypatch: pytes
 
 
 def test_create_tts_errors_are_clear(no_hibari_downloads: Path) -> None:
-    with pytest.raises(TtsError, match="hibari, edge or openai"):
+    with pytest.raises(TtsError, match="hibari, edge, openai or tone"):
         create_tts(SETTINGS.replace(tts="festival"))
     with pytest.raises(TtsError, match="OPENAI_API_KEY"):
         create_tts(SETTINGS.replace(tts="openai"))
     with pytest.raises(TtsError, match="Valid voices: heart"):
         create_tts(SETTINGS.replace(tts="hibari", tts_voice="alloy"))
+
+
+async def test_tone_tts_answers_instantly_with_an_audible_beep_per_piece() -> None:
+    from rtcvoice.engines.tts.tone import ToneTts
+
+    tts = ToneTts()
+    chunks = [c async for c in tts.synthesize("three short words")]
+    assert len(chunks) == 1 and chunks[0].dtype == np.float32
+    assert chunks[0].size == int(0.36 * tts.sample_rate) and float(np.abs(chunks[0]).max()) > 0.2
+    assert [v.id for v in tts.voices()] == ["tone"]

@@ -59,6 +59,11 @@ class AudioSink(Protocol):
 
     sample_rate: int
 
+    @property
+    def queued(self) -> int:
+        """Samples written but not yet played."""
+        ...
+
     def write(self, pcm: Int16Audio) -> int:
         """Queue samples; returns the stream position just after them."""
         ...
@@ -93,7 +98,17 @@ class Turn:
     spoken: list[tuple[int, int, str]] = field(default_factory=list)
     marks: dict[str, float] = field(default_factory=dict)
     metrics_sent: bool = False
-    speculative_stt: bool = False
+    # A turn started during the end-of-turn silence runs ahead but shows nothing (events held,
+    # audio not played) until the silence really ends the turn; see Conversation._speculate.
+    speculative: bool = False
+    committed: asyncio.Event = field(default_factory=asyncio.Event)
+    held: list[Callable[[], None]] = field(default_factory=list)
+    user_message: ChatMessage | None = None
+    underruns: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.speculative:
+            self.committed.set()
     finished: bool = False
 
     def mark(self, name: str) -> None:
@@ -103,13 +118,25 @@ class Turn:
         """What the listener heard: every piece whose first sample was played before ``heard``."""
         return " ".join(text for start, _end, text in self.spoken if start < heard).strip()
 
-    def metrics(self) -> dict[str, float | None]:
+    def metrics(self, silence_ms: float) -> dict[str, float | None]:
         m = self.marks
 
         def span(a: str, b: str) -> float | None:
             return round((m[b] - m[a]) * 1000.0, 1) if a in m and b in m else None
 
+        overhead = compute_after = None
+        if "turn_end" in m and "tts_first_audio" in m:
+            # The part of STT + LLM + TTS that speculation did not hide behind the silence.
+            compute_after = round(max(0.0, m["tts_first_audio"] - m["turn_end"]) * 1000.0, 1)
+        eot = span("speech_end", "turn_end")
+        if eot is not None and "first_audio_played" in m and "tts_first_audio" in m:
+            # Time that is neither the configured silence nor STT/LLM/TTS compute: VAD and
+            # executor hops before the turn ends, then queueing and pacing after the audio is ready.
+            ready = max(m["turn_end"], m["tts_first_audio"])
+            overhead = round(max(0.0, eot - silence_ms) + (m["first_audio_played"] - ready) * 1000.0, 1)
         return {
+            "compute_after_turn_end": compute_after,
+            "server_overhead": overhead,
             "end_of_turn": span("speech_end", "turn_end"),
             "stt": span("stt_start", "stt_end"),
             "llm_first_token": span("llm_start", "llm_first_token"),
@@ -171,13 +198,16 @@ class Conversation:
         self._turn: Turn | None = None
         self._turn_task: asyncio.Task[None] | None = None
         self._partial_task: asyncio.Task[None] | None = None
-        self._speculation: asyncio.Task[str] | None = None
+        self._speculation: Turn | None = None
         self._side_tasks: set[asyncio.Task[Any] | asyncio.Future[Any]] = set()
         self._closed = False
         self.turns_completed = 0
 
     # -- events -----------------------------------------------------------------------------------
     def emit(self, type: str, turn: Turn | None = None, **data: Any) -> None:
+        if turn is not None and not turn.committed.is_set():
+            turn.held.append(lambda: self.emit(type, turn, **data))
+            return
         if self._closed:
             return
         event: Event = {"type": type, "session_id": self.session_id}
@@ -186,10 +216,20 @@ class Conversation:
         event.update(data)
         self._send(event)
 
-    def _set_state(self, state: State) -> None:
+    def _set_state(self, state: State, turn: Turn | None = None) -> None:
+        if turn is not None and not turn.committed.is_set():
+            turn.held.append(lambda: self._set_state(state))
+            return
         if state != self.state:
             self.state = state
             self.emit("state", state=state)
+
+    def _commit(self, turn: Turn) -> None:
+        """The turn is real: show everything it held back, and let its audio play."""
+        turn.committed.set()
+        held, turn.held = turn.held, []
+        for show in held:
+            show()
 
     def start(self) -> None:
         self.emit(
@@ -250,23 +290,29 @@ class Conversation:
                 self._maybe_partial()
 
     def _speculate(self) -> None:
-        """Transcribe during the end-of-turn silence, so the transcript is ready when the turn ends.
+        """Start answering during the end-of-turn silence; commit when the silence ends the turn.
 
-        If the user goes on speaking, the guess is dropped (see ``_drop_speculation``).
+        STT, the agent and the first sentence's TTS all run while the caller is silent, so when
+        the turn ends the reply is (nearly) ready to play. Until then the turn shows nothing; if
+        the caller goes on speaking, it is dropped as if it never happened.
         """
         audio = np.concatenate(self._utterance)
         self._cancel_partial()
-        task = asyncio.create_task(
-            self.engines.stt.transcribe(int16_to_float(audio), language=self.config.language),
-            name=f"speculative-stt-{self.session_id}",
-        )
-        self._own(task)
-        self._speculation = task
+        turn = Turn(id=uuid.uuid4().hex[:12], source="voice", speculative=True)
+        self._speculation = turn
+        self._start_turn(turn, self._voice_turn(turn, audio))
 
     def _drop_speculation(self) -> None:
-        if self._speculation is not None:
-            self._speculation.cancel()
-            self._speculation = None
+        turn, self._speculation = self._speculation, None
+        if turn is None:
+            return
+        task = self._turn_task
+        if task is not None and self._turn is turn:
+            task.cancel()
+            self._own(task)  # closing still awaits it
+            self._turn, self._turn_task = None, None
+        if turn.user_message is not None:
+            self.history = [m for m in self.history if m is not turn.user_message]
 
     async def _on_speech_start(self) -> None:
         self._last_partial_at = time.monotonic()
@@ -280,13 +326,16 @@ class Conversation:
         audio = np.concatenate(self._utterance) if self._utterance else np.zeros(0, np.int16)
         self._utterance, self._utterance_samples = [], 0
         self._cancel_partial()
-        turn = Turn(id=uuid.uuid4().hex[:12], source="voice")
+        turn, self._speculation = self._speculation, None
+        if turn is None:
+            turn = Turn(id=uuid.uuid4().hex[:12], source="voice")
+            self._start_turn(turn, self._voice_turn(turn, audio))
         if self._speech_end_at is not None:
             turn.marks["speech_end"] = self._speech_end_at
         turn.mark("turn_end")
+        turn.committed.set()  # speech_stopped goes out before what the turn held back
         self.emit("speech_stopped", turn)
-        speculation, self._speculation = self._speculation, None
-        self._start_turn(turn, self._voice_turn(turn, audio, speculation))
+        self._commit(turn)
 
     # -- partial transcripts ----------------------------------------------------------------------
     def _maybe_partial(self) -> None:
@@ -332,25 +381,20 @@ class Conversation:
             self.emit("error", turn, code="internal_error", message="The server failed to answer this turn.")
             self._finish(turn, interrupted=False)
 
-    async def _voice_turn(self, turn: Turn, audio: Int16Audio, speculation: asyncio.Task[str] | None) -> None:
-        self._set_state("thinking")
+    async def _voice_turn(self, turn: Turn, audio: Int16Audio) -> None:
+        self._set_state("thinking", turn)
         turn.mark("stt_start")
-        turn.speculative_stt = speculation is not None
         try:
-            if speculation is not None:
-                # Started during the silence, with no speech since: the same words.
-                text = await speculation
-            else:
-                text = await self.engines.stt.transcribe(int16_to_float(audio), language=self.config.language)
+            text = await self.engines.stt.transcribe(int16_to_float(audio), language=self.config.language)
         except EngineError as exc:
             self.emit("error", turn, code=exc.code, message=str(exc))
-            self._set_state("listening")
+            self._set_state("listening", turn)
             return
         turn.mark("stt_end")
         if not _is_speech(text):
             # Noise the VAD took for speech: nothing was said, so nothing is answered.
             self.emit("final_transcript", turn, text="", empty=True)
-            self._set_state("listening")
+            self._set_state("listening", turn)
             return
         self.emit("final_transcript", turn, text=text)
         turn.user_text = text
@@ -359,11 +403,15 @@ class Conversation:
     async def _respond(self, turn: Turn) -> None:
         user: ChatMessage = {"role": "user", "content": turn.user_text}
         self.history.append(user)
-        await self._store(user, turn, content_type=turn.source)
+        turn.user_message = user
+        if turn.committed.is_set():
+            await self._store(user, turn, content_type=turn.source)
+        else:
+            turn.held.append(lambda: self._spawn(self._store(user, turn, content_type=turn.source)))
         messages: list[ChatMessage] = [{"role": "system", "content": self.config.instructions}]
         messages += self.history[-self.settings.max_history_messages :]
         context = AgentContext(self.session_id, self.thread_id, self.user_id, self.config.language)
-        self._set_state("thinking")
+        self._set_state("thinking", turn)
 
         sentences: asyncio.Queue[str | None] = asyncio.Queue()
         speaker = asyncio.create_task(self._speak(turn, sentences), name=f"speak-{turn.id}")
@@ -429,13 +477,15 @@ class Conversation:
             pcm = resampler.pcm(float_to_int16(chunk), tts.sample_rate)
             if pcm.size == 0:
                 return
+            if "tts_first_audio" in turn.marks and self.sink.queued == 0:
+                turn.underruns += 1  # the caller heard a gap: audio came slower than real time
             position = self.sink.write(pcm)
             if piece_start is None:
                 piece_start = position - pcm.size
             if "tts_first_audio" not in turn.marks:
                 turn.mark("tts_first_audio")
                 self._watch_first_audio(turn, position - pcm.size + 1)
-            self._set_state("speaking")
+            self._set_state("speaking", turn)
             last_position = position
 
         while True:
@@ -456,12 +506,14 @@ class Conversation:
                         first_chunk = False
                     # One chunk is held back so the end of the piece can be trimmed too.
                     if held is not None:
+                        await turn.committed.wait()
                         play(held)
                     held = chunk
             except EngineError as exc:
                 log.warning("session %s: TTS failed: %s", self.session_id, exc)
                 self.emit("error", turn, code=exc.code, message=str(exc))
             if held is not None:
+                await turn.committed.wait()
                 play(trim_silence(held, tts.sample_rate, keep_lead_s=None, keep_tail_s=GAP_TAIL_S))
             if piece_start is not None and last_position is not None:
                 turn.spoken.append((piece_start, last_position, text))
@@ -482,18 +534,19 @@ class Conversation:
     def _send_metrics(self, turn: Turn) -> None:
         if not turn.metrics_sent:
             turn.metrics_sent = True
-            self.emit("metrics", turn, **turn.metrics(), speculative_stt=turn.speculative_stt)
+            silence_ms = self.detector.silence_windows * WINDOW_MS
+            self.emit("metrics", turn, **turn.metrics(silence_ms), speculative=turn.speculative)
 
     def _finish(self, turn: Turn, *, interrupted: bool) -> None:
         if turn.finished:
             return
         turn.finished = True
         self._send_metrics(turn)
-        self.emit("end_of_response", turn, interrupted=interrupted, text=turn.ai_text)
+        self.emit("end_of_response", turn, interrupted=interrupted, text=turn.ai_text, underruns=turn.underruns)
         self.turns_completed += 1
         if self._turn is turn:
             self._turn = None
-        self._set_state("listening")
+        self._set_state("listening", turn)
 
     async def _store(self, message: ChatMessage, turn: Turn, **extra: Any) -> None:
         if self._on_message is not None:
@@ -509,6 +562,9 @@ class Conversation:
 
     async def interrupt(self, *, reason: str = "client") -> bool:
         """Stop the AI now: flush its audio, cancel the turn's work, keep what was heard."""
+        if self._speculation is not None:
+            self._drop_speculation()  # nothing of it was shown yet
+            return False
         task, turn = self._turn_task, self._turn
         if task is None or task.done() or turn is None:
             return False

@@ -33,6 +33,13 @@ class SessionRegistry:
         self.connect_timeout_s = connect_timeout_s
         self._sessions: dict[str, VoiceSession] = {}
         self._watchers: dict[str, asyncio.Task[None]] = {}
+        self._late_frames_closed = 0
+
+    @property
+    def late_frames(self) -> int:
+        """Outbound frames sent later than their 20 ms slot (a gap the caller hears), all calls."""
+        live = sum(s.peer.track.late_frames for s in self._sessions.values() if s.peer is not None)
+        return self._late_frames_closed + live
 
     def __len__(self) -> int:
         return len(self._sessions)
@@ -59,6 +66,7 @@ class SessionRegistry:
         if watcher is not None and watcher is not asyncio.current_task():
             watcher.cancel()
         if session.peer is not None:
+            self._late_frames_closed += session.peer.track.late_frames
             await session.peer.close()
         log.info("session %s closed (%s)", session_id, reason)
         return True

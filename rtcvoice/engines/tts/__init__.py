@@ -73,7 +73,13 @@ def create_tts(settings: Settings) -> TextToSpeech:
             )
         return engine
 
-    raise TtsError(f"Unknown tts engine {settings.tts!r}; choose hibari, edge or openai.")
+    if settings.tts == "tone":
+        from .tone import ToneTts
+
+        log.info("tts: tone (diagnostic: a beep per sentence, no speech)")
+        return ToneTts()
+
+    raise TtsError(f"Unknown tts engine {settings.tts!r}; choose hibari, edge, openai or tone.")
 
 
 __all__ = ["create_tts"]

@@ -1,0 +1,74 @@
+"""``rtcvoice bench`` end to end: it starts a server, makes real calls, and reports."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from rtcvoice.bench import COLUMNS, Level, Turn, capacity
+
+
+async def test_bench_reports_latency_per_stage_capacity_and_a_plot(tmp_path: Path) -> None:
+    questions = tmp_path / "questions.txt"
+    questions.write_text("What is the capital of France?\n")
+    report, plot = tmp_path / "bench.json", tmp_path / "bench.png"
+    proc = await asyncio.to_thread(
+        subprocess.run,
+        [
+            sys.executable,
+            "-m",
+            "rtcvoice",
+            "bench",
+            "--instant",
+            "--questions",
+            str(questions),
+            "--concurrency",
+            "1,2",
+            "--json",
+            str(report),
+            "--plot",
+            str(plot),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "capacity:" in proc.stdout and "client_voice_to_voice" in proc.stdout
+    data = json.loads(report.read_text())
+    assert data["settings"]["engines"] == {"stt": "whisper", "agent": "echo", "tts": "tone"}
+    assert [lv["concurrency"] for lv in data["levels"]] == [1, 2]
+    assert [lv["turns"] for lv in data["levels"]] == [1, 2]
+    single = data["levels"][0]
+    for column in (
+        "end_of_turn",
+        "stt",
+        "voice_to_voice",
+        "client_voice_to_voice",
+        "transport",
+        "server_overhead",
+    ):
+        assert single["p50_ms"][column] is not None and single["p50_ms"][column] >= 0, column
+    # The caller hears the reply after the server sends it.
+    assert single["p50_ms"]["client_voice_to_voice"] > single["p50_ms"]["voice_to_voice"]
+    assert single["server_cpu_s_per_call"] > 0 and single["server_rss_mb"] > 50
+    assert single["per_turn"][0]["transcript"] and single["per_turn"][0]["reply"].startswith("You said")
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def level(n: int, v2v: list[float], underruns: int = 0) -> Level:
+    turns = [Turn(concurrency=n, call=0, question="q", ms={"client_voice_to_voice": v}) for v in v2v]
+    return Level(
+        concurrency=n, turns=turns, wall_s=1.0, cpu_s_per_call=1.0, rss_mb=1.0, late_frames=underruns
+    )
+
+
+def test_capacity_is_the_largest_level_within_budget_and_without_gaps() -> None:
+    assert COLUMNS[-1] == "client_voice_to_voice"
+    base = level(1, [800, 820, 900])
+    assert capacity([base, level(2, [900, 1200, 1300]), level(4, [1500, 1700, 2000])]) == 2
+    assert capacity([base, level(2, [850, 860, 870], underruns=3)]) == 1
+    assert capacity([base, level(2, [850]), level(4, [3000]), level(8, [850])]) == 2

@@ -1,0 +1,167 @@
+"""The conversation state machine without a network: audio in, events and audio out."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from typing import Any
+
+import numpy as np
+from conftest import BASE_SETTINGS, echo_agent, openai_agent
+from fake_openai import FakeOpenAI
+from speech import speak, wer
+
+from rtcvoice.audio import STT_RATE, Int16Audio, resample_pcm
+from rtcvoice.conversation import Conversation
+from rtcvoice.engines import Engines
+from rtcvoice.engines.base import Agent
+
+
+class InstantSink:
+    """Plays everything the moment it is written (no pacing): only the order matters here."""
+
+    sample_rate = 48_000
+
+    def __init__(self) -> None:
+        self.written = 0
+        self.chunks: list[Int16Audio] = []
+
+    @property
+    def queued(self) -> int:
+        return 0
+
+    def write(self, pcm: Int16Audio) -> int:
+        self.chunks.append(pcm)
+        self.written += pcm.size
+        return self.written
+
+    def flush(self) -> int:
+        return self.written
+
+    def wait_played(self, position: int) -> asyncio.Future[bool]:
+        fut: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        fut.set_result(True)
+        return fut
+
+
+def make(
+    engines: Engines, agent: Agent, **settings: Any
+) -> tuple[Conversation, list[dict[str, Any]], InstantSink]:
+    events: list[dict[str, Any]] = []
+    sink = InstantSink()
+    conv = Conversation(
+        session_id="s1",
+        settings=BASE_SETTINGS.replace(**settings),
+        engines=dataclasses.replace(engines, agent=agent),
+        vad=engines.vad.stream(),
+        sink=sink,
+        send=events.append,
+        executor=engines.audio_executor,
+    )
+    conv.start()
+    return conv, events, sink
+
+
+async def talk(conv: Conversation, *clips: tuple[Int16Audio, int]) -> None:
+    """Feed clips back to back in real time, 20 ms at a time, as a transport would."""
+    pcm = np.concatenate([resample_pcm(p, r, STT_RATE) for p, r in clips])
+    for i in range(0, pcm.size, 320):
+        await conv.push_audio(pcm[i : i + 320])
+        await asyncio.sleep(0.02)
+
+
+async def until(events: list[dict[str, Any]], type_: str, n: int = 1, timeout: float = 30) -> None:
+    async with asyncio.timeout(timeout):
+        while sum(e["type"] == type_ for e in events) < n:
+            await asyncio.sleep(0.02)
+
+
+def of(events: list[dict[str, Any]], type_: str) -> list[dict[str, Any]]:
+    return [e for e in events if e["type"] == type_]
+
+
+async def test_a_pause_inside_a_sentence_does_not_answer_half_of_it(shared_engines: Engines) -> None:
+    # 300 ms of silence: long enough to start a speculative answer, too short to end the turn.
+    conv, events, _sink = make(shared_engines, echo_agent())
+    try:
+        await talk(conv, speak("What is the capital", tail_s=0.3), speak("of Spain?", lead_s=0.0, tail_s=1.0))
+        await until(events, "end_of_response")
+    finally:
+        await conv.aclose()
+    finals = of(events, "final_transcript")
+    assert len(finals) == 1 and wer("What is the capital of Spain?", finals[0]["text"]) <= 0.2, finals
+    assert len(of(events, "speech_stopped")) == 1
+    # Nothing of the dropped guess leaked: one reply, about the whole question, once in history.
+    assert len(of(events, "end_of_response")) == 1
+    assert [m["role"] for m in conv.history] == ["user", "assistant"]
+    assert conv.history[0]["content"] == finals[0]["text"]
+
+
+async def test_the_answer_is_prepared_during_the_end_of_turn_silence(shared_engines: Engines) -> None:
+    conv, events, sink = make(shared_engines, echo_agent())
+    try:
+        await talk(conv, speak("How many legs does a spider have?", tail_s=1.0))
+        await until(events, "end_of_response")
+    finally:
+        await conv.aclose()
+    metrics = of(events, "metrics")[0]
+    assert metrics["speculative"] is True
+    # STT, the agent and TTS ran (in part) before the turn ended, so less than all of it is left.
+    total = metrics["stt"] + metrics["llm_first_sentence"] + metrics["tts_first_audio"]
+    assert metrics["compute_after_turn_end"] < total, metrics
+    # The events still come in the order a client expects.
+    order = [
+        e["type"]
+        for e in events
+        if e["type"] in ("speech_stopped", "final_transcript", "ai_text", "end_of_response")
+    ]
+    assert order[0] == "speech_stopped" and order[1] == "final_transcript" and order[-1] == "end_of_response"
+    assert sink.written > 0
+
+
+async def test_noise_gets_no_answer(shared_engines: Engines) -> None:
+    conv, events, _sink = make(shared_engines, echo_agent())
+    rng = np.random.default_rng(1)
+    noise = (rng.normal(0, 0.3, STT_RATE * 2) * 32767).clip(-32768, 32767).astype(np.int16)
+    try:
+        await talk(conv, (noise, STT_RATE), (np.zeros(STT_RATE, np.int16), STT_RATE))
+        await asyncio.sleep(0.5)
+    finally:
+        await conv.aclose()
+    assert not of(events, "ai_text") and not of(events, "end_of_response")
+
+
+async def test_an_agent_failure_is_reported_and_spoken_and_the_call_goes_on(
+    shared_engines: Engines, fake_openai: FakeOpenAI
+) -> None:
+    fake_openai.fault = "500"
+    conv, events, sink = make(shared_engines, openai_agent(fake_openai))
+    try:
+        await conv.handle_client_message('{"type": "text_message", "content": "Hello?"}')
+        await until(events, "end_of_response")
+        error = of(events, "error")[0]
+        assert error["code"] == "agent_error" and "500" in error["message"]
+        assert sink.written > 0  # the apology was spoken
+        fake_openai.fault = None
+        fake_openai.reply = "Now it works."
+        await conv.handle_client_message('{"type": "text_message", "content": "Again?"}')
+        await until(events, "end_of_response", 2)
+    finally:
+        await conv.aclose()
+    assert of(events, "end_of_response")[1]["text"] == "Now it works."
+
+
+async def test_closing_is_idempotent_and_stops_a_turn_in_flight(
+    shared_engines: Engines, fake_openai: FakeOpenAI
+) -> None:
+    fake_openai.reply = "One two three four five six seven eight nine ten."
+    fake_openai.token_delay = 0.2
+    conv, events, _sink = make(shared_engines, openai_agent(fake_openai))
+    await conv.handle_client_message('{"type": "text_message", "content": "Count slowly."}')
+    await until(events, "ai_text")
+    await conv.aclose()
+    await conv.aclose()
+    count = len(events)
+    await asyncio.sleep(0.5)
+    assert len(events) == count  # nothing is emitted after close
+    assert all(t.done() for t in conv._side_tasks) and (conv._turn_task is None or conv._turn_task.done())
