@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import wave
 from pathlib import Path
+from typing import BinaryIO
 
 import av
 import numpy as np
@@ -78,8 +79,8 @@ def read_wav(path: str | Path) -> tuple[Int16Audio, int]:
     return data.astype(np.int16), rate
 
 
-def write_wav(path: str | Path, pcm: Int16Audio, rate: int) -> None:
-    with wave.open(str(path), "wb") as w:
+def write_wav(path: str | Path | BinaryIO, pcm: Int16Audio, rate: int) -> None:
+    with wave.open(path if not isinstance(path, str | Path) else str(path), "wb") as w:
         w.setnchannels(1)
         w.setsampwidth(2)
         w.setframerate(rate)

@@ -17,9 +17,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from dataclasses import asdict, dataclass, field
@@ -269,7 +271,9 @@ def plot(level: Level, path: str) -> None:
     for q, style in ((50, "--"), (95, ":")):
         v = level.pct("client_voice_to_voice", q)
         if v is not None:
-            ax.axhline(v, color="black", linestyle=style, linewidth=1, label=f"p{q} voice-to-voice {v:.0f} ms")
+            ax.axhline(
+                v, color="black", linestyle=style, linewidth=1, label=f"p{q} voice-to-voice {v:.0f} ms"
+            )
     ax.set_xticks(x, [f"{t.call}:{t.question[:14]}" for t in turns], rotation=60, ha="right", fontsize=7)
     ax.set_ylabel("ms from the end of the caller's speech")
     ax.set_title(f"rtcvoice voice-to-voice by stage (concurrency {level.concurrency})")
@@ -287,8 +291,25 @@ def _free_port() -> int:
 
 def start_server(serve_args: list[str]) -> tuple[subprocess.Popen[bytes], str]:
     port = _free_port()
+    if not any(a.startswith("--db-path") for a in serve_args):
+        # The benchmark's calls are not worth keeping: their threads go to a throwaway database.
+        serve_args = [
+            *serve_args,
+            "--db-path",
+            os.path.join(tempfile.mkdtemp(prefix="rtcvoice-bench-"), "bench.db"),
+        ]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "rtcvoice", "serve", "--port", str(port), "--log-level", "WARNING", *serve_args],
+        [
+            sys.executable,
+            "-m",
+            "rtcvoice",
+            "serve",
+            "--port",
+            str(port),
+            "--log-level",
+            "WARNING",
+            *serve_args,
+        ],
         stdout=subprocess.DEVNULL,
         stderr=None,
     )
@@ -320,8 +341,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--server", help="benchmark this running server instead of starting one")
     p.add_argument("--runs", type=int, default=1, help="times each call speaks the question set")
     p.add_argument("--questions", help="a text file with one question per line (default: 8 built in)")
-    p.add_argument("--concurrency", default="1", help="simultaneous calls; a list sweeps levels, e.g. 1,2,4,8")
-    p.add_argument("--instant", action="store_true", help="self-started server with the echo agent and tone TTS")
+    p.add_argument(
+        "--concurrency", default="1", help="simultaneous calls; a list sweeps levels, e.g. 1,2,4,8"
+    )
+    p.add_argument(
+        "--instant", action="store_true", help="self-started server with the echo agent and tone TTS"
+    )
     p.add_argument("--json", dest="json_path", help="write the full report as JSON here ('-' for stdout)")
     p.add_argument("--plot", help="write a PNG of the per-stage split per turn (first level) here")
     p.add_argument(
@@ -332,7 +357,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 async def run(args: argparse.Namespace) -> int:
     texts = QUESTIONS
     if args.questions:
-        texts = [q.strip() for q in (await asyncio.to_thread(_read_text, args.questions)).splitlines() if q.strip()]
+        texts = [
+            q.strip() for q in (await asyncio.to_thread(_read_text, args.questions)).splitlines() if q.strip()
+        ]
     levels_wanted = sorted({int(n) for n in str(args.concurrency).split(",") if n.strip()})
     serve_args = list(args.serve_arg)
     if args.instant:
@@ -349,7 +376,9 @@ async def run(args: argparse.Namespace) -> int:
             level = await run_level(server, questions, n)
             levels.append(level)
             print(table([level]), flush=True)
-        result = report(levels, {"server": server, "engines": status.get("engines"), "serve_args": serve_args})
+        result = report(
+            levels, {"server": server, "engines": status.get("engines"), "serve_args": serve_args}
+        )
         print(f"capacity: {result['capacity']} simultaneous calls ({result['capacity_rule']})")
         if args.json_path == "-":
             print(json.dumps(result, indent=1))

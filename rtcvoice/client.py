@@ -20,10 +20,17 @@ from typing import Any
 import aiohttp
 import av
 import numpy as np
-from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
+from aiortc import RTCIceServer, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
 from .audio import WEBRTC_RATE, Int16Audio, StreamResampler, resample_pcm, rms_dbfs
+from .transports.ice import (
+    aiortc_ice_servers,
+    chosen_turn_server,
+    has_relay_candidate,
+    rtc_configuration,
+    turn_allocation_error,
+)
 from .transports.tracks import PacedAudioTrack
 
 log = logging.getLogger(__name__)
@@ -65,17 +72,41 @@ class ReceivedAudio:
         return np.concatenate(parts) if parts else np.zeros(0, np.int16)
 
 
+@dataclass(frozen=True)
+class CandidatePair:
+    """The ICE candidate pair a call's media and events flow over."""
+
+    local_type: str  # host, srflx or relay
+    remote_type: str
+    local_address: tuple[str, int]
+    remote_address: tuple[str, int]
+
+
 class VoiceCallClient:
+    """A headless caller.
+
+    ``relay_only`` forces iceTransportPolicy "relay": the call goes through the TURN server that
+    ``session/start`` hands out, or fails saying why (for diagnosing TURN). aiortc uses one TURN
+    URL; ``turn_transport`` (udp, tcp or tls) picks which of the offered ones.
+    """
+
     def __init__(
         self,
         server: str,
         *,
         on_event: Callable[[dict[str, Any]], None] | None = None,
         token: str | None = None,
+        relay_only: bool = False,
+        turn_transport: str | None = None,
     ) -> None:
         self.server = server.rstrip("/")
         self.on_event = on_event
         self.token = token
+        self.relay_only = relay_only
+        self.turn_transport = turn_transport
+        self.started: dict[str, Any] | None = None  # the session/start answer
+        self.turn_server: RTCIceServer | None = None  # the TURN server this peer uses, if any
+        self.candidate_pair: CandidatePair | None = None  # as selected when the call connected
         self.session_id: str | None = None
         self.pc: RTCPeerConnection | None = None
         self.mic = PacedAudioTrack()
@@ -99,13 +130,38 @@ class VoiceCallClient:
                 raise CallError(f"{path}: HTTP {resp.status} {err.get('code')}: {err.get('message')}")
             return data
 
-    async def connect(self, *, session: dict[str, Any] | None = None, timeout: float = 20.0) -> None:
-        self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout))
+    async def start_session(
+        self, session: dict[str, Any] | None = None, timeout: float = 20.0
+    ) -> dict[str, Any]:
+        """``POST session/start``; :meth:`connect` calls it unless it was called already."""
+        if self._http is None:
+            self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout))
         started = await self._post(f"{API}/session/start", session or {})
+        self.started = started
         self.session_id = started["session_id"]
-        ice = [RTCIceServer(**_ice_kwargs(s)) for s in started.get("ice_servers", [])]
-        pc = RTCPeerConnection(RTCConfiguration(iceServers=ice))
+        return started
+
+    async def connect(self, *, session: dict[str, Any] | None = None, timeout: float = 20.0) -> None:
+        started = self.started or await self.start_session(session, timeout)
+        try:
+            ice = aiortc_ice_servers(started.get("ice_servers", []), turn_transport=self.turn_transport)
+        except ValueError as exc:
+            raise CallError(f"the server's ice_servers are unusable: {exc}") from None
+        self.turn_server = chosen_turn_server(ice)
+        if self.relay_only and self.turn_server is None:
+            raise CallError(
+                "relay-only needs a TURN server, and session/start offered none: "
+                "configure the server's --ice-servers with a turn: URL and --turn-secret"
+            )
+        pc = RTCPeerConnection(rtc_configuration(ice, relay_only=self.relay_only))
         self.pc = pc
+        failed = asyncio.Event()
+
+        @pc.on("connectionstatechange")
+        def _state() -> None:
+            if pc.connectionState == "failed":
+                failed.set()
+
         pc.addTrack(self.mic)
         channel = pc.createDataChannel("events")
 
@@ -120,12 +176,40 @@ class VoiceCallClient:
         self._channel = channel
         pc.on("track", self._on_track)
         await pc.setLocalDescription(await pc.createOffer())
+        if self.relay_only and not has_relay_candidate(pc.localDescription.sdp):
+            await self._explain_missing_relay()
         answer = await self._post(
             started.get("offer_url", f"{API}/session/{self.session_id}/offer"),
             {"sdp": pc.localDescription.sdp, "type": pc.localDescription.type},
         )
         await pc.setRemoteDescription(RTCSessionDescription(sdp=answer["sdp"], type=answer["type"]))
-        await asyncio.wait_for(self._channel_open.wait(), timeout)
+        await self._wait_connected(failed, timeout)
+        self.candidate_pair = self.selected_candidate_pair()
+
+    async def _explain_missing_relay(self) -> None:
+        assert self.turn_server is not None
+        url = self.turn_server.urls
+        reason = await turn_allocation_error(self.turn_server)
+        if reason is None:
+            reason = "it granted a relay when asked again, so it may be overloaded or flaky"
+        elif reason.startswith("401"):
+            reason = f"it refused the credentials ({reason}): expired, or not made with its shared secret"
+        raise CallError(f"relay-only: TURN server {url} gave no relay candidate: {reason}")
+
+    async def _wait_connected(self, failed: asyncio.Event, timeout: float) -> None:
+        opened = asyncio.ensure_future(self._channel_open.wait())
+        broke = asyncio.ensure_future(failed.wait())
+        try:
+            await asyncio.wait([opened, broke], timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            opened.cancel()
+            broke.cancel()
+        if self._channel_open.is_set():
+            return
+        path = f" through TURN server {self.turn_server.urls}" if self.relay_only and self.turn_server else ""
+        if failed.is_set():
+            raise CallError(f"ICE failed: no candidate pair connected{path}")
+        raise CallError(f"the call did not connect{path} within {timeout:.0f} s")
 
     def _on_track(self, track: MediaStreamTrack) -> None:
         if track.kind == "audio":
@@ -203,16 +287,30 @@ class VoiceCallClient:
     def of_type(self, type_: str) -> list[dict[str, Any]]:
         return [e for _t, e in self.events if e.get("type") == type_]
 
-    def selected_candidate_types(self) -> tuple[str, str] | None:
-        """(local, remote) candidate types of the nominated ICE pair, e.g. ('relay', 'host')."""
+    def selected_candidate_pair(self) -> CandidatePair | None:
+        """The nominated ICE pair while the call is up, e.g. a local 'relay' to a remote 'host'."""
         if self.pc is None:
             return None
+        # aiortc reports no candidate-pair stats; the nominated pair lives on aioice's Connection.
+        # Audio and data share one bundled transport, so the first transceiver's is the call's.
         for transceiver in self.pc.getTransceivers():
             ice = transceiver.sender.transport.transport
-            pair = getattr(ice._connection, "_nominated", {}).get(1)
+            nominated = getattr(getattr(ice, "_connection", None), "_nominated", {})
+            pair = nominated.get(1)
             if pair is not None:
-                return pair.local_candidate.type, pair.remote_candidate.type
+                local, remote = pair.local_candidate, pair.remote_candidate
+                return CandidatePair(
+                    local_type=local.type,
+                    remote_type=remote.type,
+                    local_address=(local.host, local.port),
+                    remote_address=(remote.host, remote.port),
+                )
         return None
+
+    def selected_candidate_types(self) -> tuple[str, str] | None:
+        """(local, remote) candidate types of the nominated ICE pair, e.g. ('relay', 'host')."""
+        pair = self.selected_candidate_pair()
+        return None if pair is None else (pair.local_type, pair.remote_type)
 
     # -- closing ----------------------------------------------------------------------------------
     def _spawn(self, coro: Any) -> None:
@@ -235,7 +333,3 @@ class VoiceCallClient:
             await self.pc.close()
         if self._http is not None:
             await self._http.close()
-
-
-def _ice_kwargs(server: dict[str, Any]) -> dict[str, Any]:
-    return {k: server[k] for k in ("urls", "username", "credential") if k in server}

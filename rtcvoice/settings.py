@@ -32,14 +32,52 @@ class Settings:
     log_level: str = _opt("INFO", "Logging level.", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     ice_servers: str = _opt(
         "",
-        "Comma-separated STUN/TURN URLs for both peers (e.g. stun:stun.example.com:3478). "
+        "Comma-separated STUN/TURN URLs for both peers: stun:HOST[:PORT], "
+        "turn:HOST[:PORT]?transport=udp|tcp, turns:HOST[:PORT] (TLS). Browsers use them all; the "
+        "server's own peer uses the first STUN and the first TURN URL. "
         "Empty: none, so nothing outside this machine is contacted.",
+    )
+    turn_secret: str = _opt(
+        "",
+        "Shared secret of the TURN server (coturn's static-auth-secret with use-auth-secret). When set, "
+        "every session gets its own time-limited TURN credentials, and turn_username/turn_password are "
+        "never used or sent.",
+    )
+    turn_credential_lifetime_s: int = _opt(
+        600,
+        "How long TURN credentials from turn_secret stay valid (s). The TURN server checks them when a "
+        "relay is allocated, so a call outlives them; they only need to cover session start to ICE.",
+    )
+    turn_username: str = _opt("", "Static TURN username, for TURN servers without a shared secret.")
+    turn_password: str = _opt(
+        "", "Static TURN password; sent to every client, so prefer turn_secret on public servers."
+    )
+    ice_transport_policy: str = _opt(
+        "all",
+        "ICE candidates the server's own peer uses: all, or relay (only its TURN relay, e.g. when the "
+        "server sits behind a NAT with no port forwarding; needs a TURN URL in ice_servers).",
+        choices=["all", "relay"],
     )
     session_start_timeout_s: float = _opt(
         60.0, "Close a started session that gets no offer within this time."
     )
     ice_connect_timeout_s: float = _opt(30.0, "Close a session whose ICE does not connect within this time.")
     max_sessions: int = _opt(32, "Maximum concurrent sessions; more get 503.")
+    jitter_buffer_frames: int = _opt(
+        1,
+        "Inbound 20 ms audio frames held to absorb packet reordering before decoding (aiortc's own "
+        "default is 4). Each frame adds 20 ms to every reply; raise it on networks that reorder packets.",
+    )
+    # -- auth -----------------------------------------------------------------------------------
+    auth_jwt_secret: str = _opt(
+        "", "HS256 secret: when set, every API call needs a bearer JWT signed with it."
+    )
+    auth_jwt_public_key: str = _opt(
+        "", "PEM public key (or a path to one) for RS256/ES256/EdDSA JWTs; turns auth on like the secret."
+    )
+    auth_jwt_audience: str = _opt("", "Required 'aud' claim, if any.")
+    auth_jwt_issuer: str = _opt("", "Required 'iss' claim, if any.")
+    auth_user_claim: str = _opt("sub", "JWT claim that holds the user id.")
     # -- turn taking ----------------------------------------------------------------------------
     vad_threshold: float = _opt(0.5, "Silero speech probability above which a 32 ms window is speech.")
     end_of_turn_silence_ms: int = _opt(
@@ -49,7 +87,7 @@ class Settings:
         96, "Speech shorter than this (ms) is ignored: it neither starts a turn nor interrupts the AI."
     )
     partial_interval_ms: int = _opt(
-        600, "How often partial transcripts are produced while the user speaks (ms)."
+        1000, "How often partial transcripts are produced while the user speaks (ms)."
     )
     max_utterance_s: float = _opt(30.0, "A single turn longer than this is ended and transcribed.")
     # -- speech to text -------------------------------------------------------------------------
@@ -90,12 +128,16 @@ class Settings:
         "System prompt for every session (a session can change it with session.update).",
     )
     max_history_messages: int = _opt(20, "Earlier messages sent to the agent as context.")
+    db_path: str = _opt("rtcvoice.db", "SQLite file for threads and messages (WAL mode).")
+    database_url: str = _opt(
+        "", "PostgreSQL URL (postgresql://user:pass@host/db); when set, used instead of SQLite."
+    )
     # -- text to speech -------------------------------------------------------------------------
     tts: str = _opt(
         "hibari",
         "Text-to-speech engine: hibari (embedded, offline), edge (Microsoft Edge voices, online), "
-        "openai (OpenAI-compatible /audio/speech).",
-        choices=["hibari", "edge", "openai"],
+        "openai (OpenAI-compatible /audio/speech), tone (a beep per sentence; diagnostics and benchmarks).",
+        choices=["hibari", "edge", "openai", "tone"],
     )
     tts_voice: str = _opt("", "Default voice (hibari: heart; edge: en-US-AriaNeural; openai: alloy).")
     tts_speed: float = _opt(1.0, "Speaking rate (1.0 normal).")

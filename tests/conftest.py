@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -38,12 +39,13 @@ ServerFactory = Callable[..., Awaitable[str]]
 
 
 @pytest.fixture
-async def start_server(shared_engines: Engines) -> AsyncIterator[ServerFactory]:
+async def start_server(shared_engines: Engines, tmp_path: Path) -> AsyncIterator[ServerFactory]:
     """Start a real rtcvoice server: ``await start_server(agent=..., **settings)`` → base URL."""
     runners: list[web.AppRunner] = []
     agents: list[Agent] = []
 
     async def start(agent: Agent | None = None, **overrides: Any) -> str:
+        overrides.setdefault("db_path", str(tmp_path / f"rtcvoice-{len(runners)}.db"))
         settings = BASE_SETTINGS.replace(**overrides)
         engines = shared_engines
         if agent is not None:

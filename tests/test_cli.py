@@ -59,7 +59,16 @@ async def test_serve_and_call_hold_a_spoken_exchange_offline(tmp_path: Path, sha
     # The blocking process calls run in a thread: this test shares the event loop with the rest.
     server = await asyncio.to_thread(
         subprocess.Popen,
-        [*RTCVOICE, "serve", "--port", str(port), "--llm-max-tokens", "40"],
+        [
+            *RTCVOICE,
+            "serve",
+            "--port",
+            str(port),
+            "--llm-max-tokens",
+            "40",
+            "--db-path",
+            str(tmp_path / "rtcvoice.db"),
+        ],
         env=clean_env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,

@@ -77,7 +77,16 @@ class AudioSink(Protocol):
         ...
 
 
-MessageHook = Callable[[ChatMessage, dict[str, Any]], Awaitable[None]]
+class Recorder(Protocol):
+    """Keeps the call's messages in the thread it belongs to (the server's store)."""
+
+    def record(self, message: ChatMessage, meta: dict[str, Any]) -> None:
+        """Queue one message for writing; order is kept, and closing finishes the writes."""
+        ...
+
+    async def switch_thread(self, thread_id: str) -> list[ChatMessage]:
+        """Move the call to another thread; returns its history. LookupError if not allowed."""
+        ...
 
 
 @dataclass
@@ -109,6 +118,7 @@ class Turn:
     def __post_init__(self) -> None:
         if not self.speculative:
             self.committed.set()
+
     finished: bool = False
 
     def mark(self, name: str) -> None:
@@ -160,7 +170,7 @@ class Conversation:
         thread_id: str | None = None,
         user_id: str | None = None,
         history: list[ChatMessage] | None = None,
-        on_message: MessageHook | None = None,
+        recorder: Recorder | None = None,
     ) -> None:
         self.session_id = session_id
         self.thread_id = thread_id
@@ -171,7 +181,7 @@ class Conversation:
         self._send = send
         self._vad = vad
         self._executor = executor
-        self._on_message = on_message
+        self._recorder = recorder
         self.config = SessionConfig(
             voice=settings.tts_voice or engines.tts.default_voice,
             instructions=settings.system_prompt,
@@ -405,9 +415,9 @@ class Conversation:
         self.history.append(user)
         turn.user_message = user
         if turn.committed.is_set():
-            await self._store(user, turn, content_type=turn.source)
+            self._record(user, turn, content_type=turn.source)
         else:
-            turn.held.append(lambda: self._spawn(self._store(user, turn, content_type=turn.source)))
+            turn.held.append(lambda: self._record(user, turn, content_type=turn.source))
         messages: list[ChatMessage] = [{"role": "system", "content": self.config.instructions}]
         messages += self.history[-self.settings.max_history_messages :]
         context = AgentContext(self.session_id, self.thread_id, self.user_id, self.config.language)
@@ -440,7 +450,7 @@ class Conversation:
                     for piece in chunker.push(delta):
                         sentences.put_nowait(piece)
             finally:
-                await _aclose(stream)
+                await aclose_stream(stream)
             for piece in chunker.flush():
                 sentences.put_nowait(piece)
         except EngineError as exc:
@@ -462,7 +472,7 @@ class Conversation:
             speaker.cancel()
             raise
         if failed is None or turn.ai_text:
-            await self._store_reply(turn, interrupted=False)
+            self._record_reply(turn, interrupted=False)
         self._finish(turn, interrupted=False)
 
     async def _speak(self, turn: Turn, sentences: asyncio.Queue[str | None]) -> None:
@@ -542,23 +552,25 @@ class Conversation:
             return
         turn.finished = True
         self._send_metrics(turn)
-        self.emit("end_of_response", turn, interrupted=interrupted, text=turn.ai_text, underruns=turn.underruns)
+        self.emit(
+            "end_of_response", turn, interrupted=interrupted, text=turn.ai_text, underruns=turn.underruns
+        )
         self.turns_completed += 1
         if self._turn is turn:
             self._turn = None
         self._set_state("listening", turn)
 
-    async def _store(self, message: ChatMessage, turn: Turn, **extra: Any) -> None:
-        if self._on_message is not None:
-            await self._on_message(message, {"turn_id": turn.id, **extra})
+    def _record(self, message: ChatMessage, turn: Turn, **extra: Any) -> None:
+        if self._recorder is not None:
+            self._recorder.record(message, {"turn_id": turn.id, "session_id": self.session_id, **extra})
 
-    async def _store_reply(self, turn: Turn, *, interrupted: bool, said: str | None = None) -> None:
+    def _record_reply(self, turn: Turn, *, interrupted: bool, said: str | None = None) -> None:
         content = turn.ai_text.strip() if said is None else said
         if not content:
             return
         reply: ChatMessage = {"role": "assistant", "content": content}
         self.history.append(reply)
-        await self._store(reply, turn, content_type="voice", interrupted=interrupted)
+        self._record(reply, turn, content_type="voice", interrupted=interrupted)
 
     async def interrupt(self, *, reason: str = "client") -> bool:
         """Stop the AI now: flush its audio, cancel the turn's work, keep what was heard."""
@@ -576,7 +588,7 @@ class Conversation:
             return False
         said = turn.said_before(heard)
         if turn.user_text and said:
-            await self._store_reply(turn, interrupted=True, said=said)
+            self._record_reply(turn, interrupted=True, said=said)
         log.info(
             "session %s: turn %s interrupted (%s); heard %r", self.session_id, turn.id, reason, said[:80]
         )
@@ -599,12 +611,55 @@ class Conversation:
         elif event.type == "interrupt":
             await self.interrupt(reason="client")
         elif event.type == "text_message":
-            await self.interrupt(reason="text_message")
-            turn = Turn(id=uuid.uuid4().hex[:12], source="text", user_text=data["content"].strip())
-            turn.mark("speech_end")
-            self._start_turn(turn, self._respond(turn))
+            await self.respond_to_text(data["content"])
         elif event.type == "session.update":
             self._update_session(data)
+        elif event.type == "end_of_input":
+            self.end_of_input()
+        elif event.type == "set_thread":
+            await self._set_thread(data["thread_id"])
+
+    def end_of_input(self) -> None:
+        """The client says the user is done (push-to-talk): end the turn without waiting for silence."""
+        if self.detector.in_speech:
+            self.detector.reset()
+            self._end_user_turn()
+        else:
+            self.emit(
+                "error",
+                code="no_speech",
+                message="end_of_input came, but no speech was heard since the last turn.",
+            )
+
+    async def respond_to_audio(self, pcm: Int16Audio) -> None:
+        """Answer a whole recorded utterance (16 kHz PCM), without voice activity detection."""
+        await self.interrupt(reason="new_input")
+        turn = Turn(id=uuid.uuid4().hex[:12], source="voice")
+        turn.mark("speech_end")
+        turn.mark("turn_end")
+        self._start_turn(turn, self._voice_turn(turn, pcm))
+
+    async def respond_to_text(self, text: str) -> None:
+        await self.interrupt(reason="text_message")
+        turn = Turn(id=uuid.uuid4().hex[:12], source="text", user_text=text.strip())
+        turn.mark("speech_end")
+        self._start_turn(turn, self._respond(turn))
+
+    async def _set_thread(self, thread_id: str) -> None:
+        if self._recorder is None:
+            self.emit("error", code="threads_unavailable", message="This server keeps no threads.")
+            return
+        await self.interrupt(reason="set_thread")
+        try:
+            history = await self._recorder.switch_thread(thread_id)
+        except LookupError:
+            self.emit(
+                "error", code="thread_not_found", message=f"No thread {thread_id[:64]!r} for this user."
+            )
+            return
+        self.thread_id = thread_id
+        self.history = history
+        self.emit("thread.updated", thread_id=thread_id, messages=len(history))
 
     def _update_session(self, data: dict[str, Any]) -> None:
         if "voice" in data:
@@ -665,7 +720,8 @@ def _is_speech(text: str) -> bool:
     return not (stripped.startswith(("[", "(")) and stripped.endswith(("]", ")")))
 
 
-async def _aclose(stream: Any) -> None:
+async def aclose_stream(stream: Any) -> None:
+    """Close an agent's reply stream, so a cancelled generation stops at once."""
     close = getattr(stream, "aclose", None)
     if close is not None:
         await close()

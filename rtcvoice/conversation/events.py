@@ -13,7 +13,9 @@ from typing import Any
 
 MAX_EVENT_BYTES = 16 * 1024
 MAX_TEXT_CHARS = 4000
-CLIENT_EVENT_TYPES = frozenset({"text_message", "interrupt", "session.update", "ping"})
+CLIENT_EVENT_TYPES = frozenset(
+    {"text_message", "interrupt", "session.update", "ping", "end_of_input", "set_thread"}
+)
 SESSION_UPDATE_FIELDS: dict[str, type | tuple[type, ...]] = {
     "voice": str,
     "instructions": str,
@@ -65,6 +67,10 @@ def parse_client_event(raw: str | bytes) -> ClientEvent:
             raise EventError(
                 "message_too_large", f"text_message content is limited to {MAX_TEXT_CHARS} characters."
             )
+    elif kind == "set_thread":
+        thread_id = data.get("thread_id")
+        if not isinstance(thread_id, str) or not 0 < len(thread_id) <= 200:
+            raise EventError("invalid_event", "set_thread needs a string 'thread_id'.")
     elif kind == "session.update":
         session = data.get("session", data)
         if not isinstance(session, dict):

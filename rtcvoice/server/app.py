@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-import json
+import asyncio
 import logging
+import os
+import resource
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -11,18 +13,23 @@ from typing import Any
 from aiohttp import web
 
 from .. import __version__
-from ..conversation import AudioSink, Conversation
 from ..engines import Engines, load_engines
 from ..settings import Settings
-from ..transports.webrtc import OfferError, WebRtcPeer, ice_servers_from_urls
+from ..store import create_store
+from ..transports.webrtc import OfferError, RelayUnavailableError, WebRtcPeer
+from . import chat, fallback
+from .auth import Authenticator, auth_middleware, request_user
+from .bodies import json_body, optional_str
+from .calls import prepare_call
 from .errors import ApiError, json_errors
-from .sessions import SessionRegistry, VoiceSession
+from .keys import AUTH, ENGINES, ICE, REALTIME, SESSIONS, SETTINGS, STORE
+from .sessions import SessionRegistry, VoiceSession, session_for
+from .threads import owned_thread
+from .turn import IceServers
 
 log = logging.getLogger(__name__)
 
-SETTINGS = web.AppKey("settings", Settings)
-ENGINES = web.AppKey("engines", Engines)
-SESSIONS = web.AppKey("sessions", SessionRegistry)
+__all__ = ["create_app", "SETTINGS", "ENGINES", "SESSIONS", "ICE", "STORE", "AUTH", "REALTIME"]
 
 API = "/api/v1/voice"
 MAX_BODY_BYTES = 256 * 1024  # an SDP offer is a few KB; nothing on these routes needs more
@@ -30,10 +37,18 @@ MAX_SDP_CHARS = 64 * 1024
 
 
 def create_app(settings: Settings, *, engines: Engines | None = None) -> web.Application:
-    """The server. Pass ``engines`` to share loaded models between apps (tests); they stay yours to close."""
-    app = web.Application(middlewares=[json_errors], client_max_size=MAX_BODY_BYTES)
+    """The server. Pass ``engines`` to share loaded models between apps (tests); they stay yours to close.
+
+    Raises ValueError, with the fix, for settings that cannot work (ICE servers, auth keys).
+    """
+    auth = Authenticator.from_settings(settings)
+    app = web.Application(middlewares=[json_errors, auth_middleware(auth)], client_max_size=MAX_BODY_BYTES)
     app[SETTINGS] = settings
+    app[AUTH] = auth
+    app[ICE] = IceServers(settings)  # a bad STUN/TURN setting stops the server here, not mid-call
+    app[REALTIME] = set()
     app.cleanup_ctx.append(_engines_ctx(engines))
+    app.cleanup_ctx.append(_store_ctx)
     app.cleanup_ctx.append(_sessions_ctx)
     app.add_routes(
         [
@@ -43,8 +58,15 @@ def create_app(settings: Settings, *, engines: Engines | None = None) -> web.App
             web.post(f"{API}/session/start", session_start),
             web.post(f"{API}/session/{{session_id}}/offer", session_offer),
             web.post(f"{API}/session/end", session_end),
+            *fallback.routes(),
+            *chat.routes(),
         ]
     )
+    if auth is None:
+        log.warning(
+            "AUTH IS OFF: anyone who can reach this server can start calls and read threads. "
+            "Set RTCVOICE_AUTH_JWT_SECRET or RTCVOICE_AUTH_JWT_PUBLIC_KEY before exposing it."
+        )
     web_dir = Path(settings.web_dir) if settings.web_dir else Path(__file__).resolve().parents[2] / "web"
     if (web_dir / "index.html").is_file():
         index = web_dir / "index.html"
@@ -71,6 +93,14 @@ def _engines_ctx(preloaded: Engines | None) -> Callable[[web.Application], Async
     return ctx
 
 
+async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
+    store = create_store(app[SETTINGS])
+    await store.open()
+    app[STORE] = store
+    yield
+    await store.close()
+
+
 async def _sessions_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     registry = SessionRegistry(
@@ -80,49 +110,28 @@ async def _sessions_ctx(app: web.Application) -> AsyncIterator[None]:
     )
     app[SESSIONS] = registry
     yield
-    # Shutdown ends every call cleanly before the engines it uses are closed.
+    # Shutdown ends every call cleanly (and finishes writing its messages) before the store and
+    # the engines it uses are closed: cleanup contexts unwind in reverse order.
     await registry.close_all()
+    realtime = app[REALTIME]
+    await asyncio.gather(*(peer.close() for peer in tuple(realtime)))
 
 
 # -- helpers ------------------------------------------------------------------------------------
-async def _json_body(request: web.Request, *, required: bool = True) -> dict[str, Any]:
-    raw = await request.read()
-    if not raw.strip():
-        if required:
-            raise ApiError(400, "invalid_json", "The request body must be a JSON object.")
-        return {}
+def _ice_servers_for_client(request: web.Request, session: VoiceSession) -> list[dict[str, Any]]:
+    return request.app[ICE].for_client(session.id)
+
+
+def process_stats() -> dict[str, float]:
+    """CPU seconds and resident memory of this server process (benchmarks read them per call)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    rss_mb = usage.ru_maxrss / 1024.0
     try:
-        body = json.loads(raw)
-    except (ValueError, RecursionError):
-        raise ApiError(400, "invalid_json", "The request body is not valid JSON.") from None
-    if not isinstance(body, dict):
-        raise ApiError(400, "invalid_json", "The request body must be a JSON object.")
-    return body
-
-
-def _optional_str(body: dict[str, Any], name: str, max_len: int = 4000) -> str | None:
-    value = body.get(name)
-    if value is None:
-        return None
-    if not isinstance(value, str) or len(value) > max_len:
-        raise ApiError(400, "invalid_field", f"'{name}' must be a string of at most {max_len} characters.")
-    return value
-
-
-def _session_or_404(request: web.Request, session_id: str) -> VoiceSession:
-    session = request.app[SESSIONS].get(session_id)
-    if session is None:
-        raise ApiError(
-            404,
-            "session_not_found",
-            f"No live session {session_id[:64]!r}; start one with POST {API}/session/start.",
-        )
-    return session
-
-
-def _ice_servers_for_client(settings: Settings) -> list[dict[str, Any]]:
-    urls = settings.ice_server_urls
-    return [{"urls": urls}] if urls else []
+        with open("/proc/self/statm") as f:
+            rss_mb = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except OSError:
+        pass  # not Linux: ru_maxrss (the peak) is the best there is
+    return {"cpu_s": round(usage.ru_utime + usage.ru_stime, 3), "rss_mb": round(rss_mb, 1)}
 
 
 # -- routes -------------------------------------------------------------------------------------
@@ -135,6 +144,8 @@ async def status(request: web.Request) -> web.Response:
             "sessions": len(request.app[SESSIONS]),
             "max_sessions": settings.max_sessions,
             "engines": {"stt": engines.stt.name, "agent": engines.agent.name, "tts": engines.tts.name},
+            "process": process_stats(),
+            "late_frames": request.app[SESSIONS].late_frames,
         }
     )
 
@@ -152,7 +163,7 @@ async def voices(request: web.Request) -> web.Response:
 
 
 async def session_start(request: web.Request) -> web.Response:
-    body = await _json_body(request, required=False)
+    body = await json_body(request, required=False)
     registry = request.app[SESSIONS]
     if len(registry) >= registry.max_sessions:
         raise ApiError(
@@ -161,28 +172,41 @@ async def session_start(request: web.Request) -> web.Response:
             "The server is at its call limit; try again shortly.",
             {"Retry-After": "5"},
         )
-    voice = _optional_str(body, "voice", 200)
+    voice = optional_str(body, "voice", 200)
     if voice is not None and voice not in {v.id for v in request.app[ENGINES].tts.voices()}:
         raise ApiError(400, "invalid_voice", f"Unknown voice {voice[:64]!r}; see GET {API}/voices.")
+    user = request_user(request)
+    if user is None:
+        user = optional_str(body, "user_id", 200)  # unauthenticated mode: the app may name its user
+    thread_id = optional_str(body, "thread_id", 200)
+    store = request.app[STORE]
+    thread = (
+        await owned_thread(store, thread_id, user)
+        if thread_id
+        else await store.create_thread(user, "Voice call")
+    )
     session = registry.create(
-        thread_id=_optional_str(body, "thread_id", 200),
+        user_id=user,
+        thread_id=thread.id,
         voice=voice,
-        instructions=_optional_str(body, "instructions"),
+        instructions=optional_str(body, "instructions"),
     )
     return web.json_response(
         {
             "session_id": session.id,
-            "ice_servers": _ice_servers_for_client(request.app[SETTINGS]),
+            "thread_id": thread.id,
+            "ice_servers": _ice_servers_for_client(request, session),
             "offer_url": f"{API}/session/{session.id}/offer",
             "end_url": f"{API}/session/end",
+            "ws_url": f"{API}/session/{session.id}/ws",
             "expires_in": request.app[SETTINGS].session_start_timeout_s,
         }
     )
 
 
 async def session_offer(request: web.Request) -> web.Response:
-    session = _session_or_404(request, request.match_info["session_id"])
-    body = await _json_body(request)
+    session = session_for(request.app[SESSIONS], request.match_info["session_id"], request_user(request))
+    body = await json_body(request)
     sdp, kind = body.get("sdp"), body.get("type", "offer")
     if not isinstance(sdp, str) or not sdp.strip():
         raise ApiError(400, "invalid_sdp", "Send {'sdp': <offer SDP string>, 'type': 'offer'}.")
@@ -195,52 +219,40 @@ async def session_offer(request: web.Request) -> web.Response:
             409, "already_offered", "This session already has a peer connection; start a new session."
         )
     app = request.app
+    make_conversation, recorder = await prepare_call(
+        app,
+        session_id=session.id,
+        user_id=session.user_id,
+        thread_id=session.thread_id,
+        voice=session.voice,
+        instructions=session.instructions,
+    )
     peer = WebRtcPeer(
         session_id=session.id,
-        ice_servers=ice_servers_from_urls(app[SETTINGS].ice_server_urls),
-        make_conversation=_conversation_factory(app, session),
+        ice_servers=app[ICE].for_server_peer(session.id),
+        relay_only=app[ICE].server_relay_only,
+        make_conversation=make_conversation,
         executor=app[ENGINES].audio_executor,
+        jitter_frames=app[SETTINGS].jitter_buffer_frames,
     )
     registry = app[SESSIONS]
-    registry.attach(session, peer)
+    registry.attach(session, peer, recorder)
     try:
         answer = await peer.answer(sdp, kind)
     except OfferError as exc:
         await registry.end(session.id, "bad offer")
         raise ApiError(400, "invalid_sdp", str(exc)) from None
+    except RelayUnavailableError as exc:
+        await registry.end(session.id, "no TURN relay")
+        raise ApiError(503, "relay_unavailable", str(exc), {"Retry-After": "5"}) from None
     return web.json_response({"sdp": answer.sdp, "type": answer.type, "session_id": session.id})
 
 
 async def session_end(request: web.Request) -> web.Response:
-    body = await _json_body(request)
+    body = await json_body(request)
     session_id = body.get("session_id")
     if not isinstance(session_id, str):
         raise ApiError(400, "invalid_field", "Send {'session_id': <id>}.")
-    _session_or_404(request, session_id)
+    session_for(request.app[SESSIONS], session_id, request_user(request))
     await request.app[SESSIONS].end(session_id, "ended by client")
     return web.json_response({"session_id": session_id, "ended": True})
-
-
-def _conversation_factory(
-    app: web.Application, session: VoiceSession
-) -> Callable[[AudioSink, Callable[[dict[str, Any]], None]], Conversation]:
-    def make(sink: AudioSink, send: Callable[[dict[str, Any]], None]) -> Conversation:
-        settings, engines = app[SETTINGS], app[ENGINES]
-        conversation = Conversation(
-            session_id=session.id,
-            settings=settings,
-            engines=engines,
-            vad=engines.vad.stream(),
-            sink=sink,
-            send=send,
-            executor=engines.audio_executor,
-            thread_id=session.thread_id,
-            user_id=session.user_id,
-        )
-        if session.voice:
-            conversation.config.voice = session.voice
-        if session.instructions:
-            conversation.config.instructions = session.instructions
-        return conversation
-
-    return make

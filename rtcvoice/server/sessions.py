@@ -6,23 +6,38 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
+from typing import Protocol
 
-from ..transports.webrtc import WebRtcPeer
+from .errors import ApiError
+from .threads import ThreadRecorder
 
 log = logging.getLogger(__name__)
+
+
+class Peer(Protocol):
+    """A transport's side of one call (WebRTC peer connection or WebSocket)."""
+
+    connected: asyncio.Event
+    done: asyncio.Event
+
+    @property
+    def late_frames(self) -> int: ...
+
+    async def close(self) -> None: ...
 
 
 @dataclass
 class VoiceSession:
     id: str
+    thread_id: str
     user_id: str | None = None
-    thread_id: str | None = None
     voice: str | None = None
     instructions: str | None = None
     created_at: float = field(default_factory=time.monotonic)
-    peer: WebRtcPeer | None = None
+    peer: Peer | None = None
+    recorder: ThreadRecorder | None = None
     closed: bool = False
 
 
@@ -38,7 +53,7 @@ class SessionRegistry:
     @property
     def late_frames(self) -> int:
         """Outbound frames sent later than their 20 ms slot (a gap the caller hears), all calls."""
-        live = sum(s.peer.track.late_frames for s in self._sessions.values() if s.peer is not None)
+        live = sum(s.peer.late_frames for s in self._sessions.values() if s.peer is not None)
         return self._late_frames_closed + live
 
     def __len__(self) -> int:
@@ -47,14 +62,24 @@ class SessionRegistry:
     def get(self, session_id: str) -> VoiceSession | None:
         return self._sessions.get(session_id)
 
-    def create(self, **fields: str | None) -> VoiceSession:
-        session = VoiceSession(id=uuid.uuid4().hex, **fields)  # type: ignore[arg-type]
+    def create(
+        self,
+        *,
+        thread_id: str,
+        user_id: str | None = None,
+        voice: str | None = None,
+        instructions: str | None = None,
+    ) -> VoiceSession:
+        session = VoiceSession(
+            id=uuid.uuid4().hex, thread_id=thread_id, user_id=user_id, voice=voice, instructions=instructions
+        )
         self._sessions[session.id] = session
         self._watch(session.id, self._expire_unoffered(session))
         return session
 
-    def attach(self, session: VoiceSession, peer: WebRtcPeer) -> None:
+    def attach(self, session: VoiceSession, peer: Peer, recorder: ThreadRecorder | None = None) -> None:
         session.peer = peer
+        session.recorder = recorder
         self._watch(session.id, self._expire_unconnected(session, peer))
 
     async def end(self, session_id: str, reason: str = "ended") -> bool:
@@ -66,8 +91,10 @@ class SessionRegistry:
         if watcher is not None and watcher is not asyncio.current_task():
             watcher.cancel()
         if session.peer is not None:
-            self._late_frames_closed += session.peer.track.late_frames
+            self._late_frames_closed += session.peer.late_frames
             await session.peer.close()
+        if session.recorder is not None:
+            await session.recorder.aclose()  # every message the call produced is written
         log.info("session %s closed (%s)", session_id, reason)
         return True
 
@@ -85,7 +112,7 @@ class SessionRegistry:
         if session.peer is None:
             await self.end(session.id, f"no offer within {self.start_timeout_s:.0f} s")
 
-    async def _expire_unconnected(self, session: VoiceSession, peer: WebRtcPeer) -> None:
+    async def _expire_unconnected(self, session: VoiceSession, peer: Peer) -> None:
         try:
             await asyncio.wait_for(peer.connected.wait(), self.connect_timeout_s)
         except TimeoutError:
@@ -95,4 +122,16 @@ class SessionRegistry:
         await self.end(session.id, "peer closed")
 
 
-SessionCloser = Callable[[str], Awaitable[bool]]
+def session_for(registry: SessionRegistry, session_id: str, user_id: str | None) -> VoiceSession:
+    """The live session, if it is this user's. Another user's session does not exist for them.
+
+    ``user_id`` is None in unauthenticated mode, where sessions are not tied to verified users.
+    """
+    session = registry.get(session_id)
+    if session is None or (user_id is not None and session.user_id != user_id):
+        raise ApiError(
+            404,
+            "session_not_found",
+            f"No live session {session_id[:64]!r}; start one with POST /api/v1/voice/session/start.",
+        )
+    return session

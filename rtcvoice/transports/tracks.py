@@ -26,39 +26,34 @@ TIME_BASE = fractions.Fraction(1, WEBRTC_RATE)
 UNDERRUN_SLACK_S = 0.06
 
 
-class PacedAudioTrack(MediaStreamTrack):
-    kind = "audio"
+class Playhead:
+    """Queued samples and a playhead, in monotonic sample positions; what every AudioSink needs.
 
-    def __init__(self, sample_rate: int = WEBRTC_RATE) -> None:
-        super().__init__()
-        if sample_rate != WEBRTC_RATE:
-            raise ValueError("PacedAudioTrack sends 48 kHz; resample before writing")
-        self.sample_rate = sample_rate
+    ``write`` queues, ``take`` plays, ``flush`` drops what is unplayed; ``wait_played`` lets the
+    conversation learn when a given sample was played (first-audio latency, what was heard).
+    """
+
+    def __init__(self) -> None:
         self._queue: deque[Int16Audio] = deque()
-        self._offset = 0  # samples of _queue[0] already sent
-        self.written = 0  # samples ever queued (monotonic position)
+        self._offset = 0  # samples of _queue[0] already played
+        self.written = 0  # samples ever queued
         self.played = 0  # playhead, in the same coordinates as ``written``
         self._waiters: list[tuple[int, asyncio.Future[bool]]] = []
-        self._start: float | None = None
-        self._pts = 0
-        self.frames_sent = 0
-        self.late_frames = 0
         self.first_audio_at: float | None = None
 
-    # -- producer side -------------------------------------------------------------------------
     @property
     def queued(self) -> int:
         return self.written - self.played
 
     def write(self, pcm: Int16Audio) -> int:
-        """Queue mono int16 samples at 48 kHz; returns the position just after them."""
+        """Queue mono int16 samples; returns the position just after them."""
         if pcm.size:
             self._queue.append(pcm.astype(np.int16, copy=False))
             self.written += int(pcm.size)
         return self.written
 
     def flush(self) -> int:
-        """Drop everything not yet sent; returns the playhead position before the flush."""
+        """Drop everything not yet played; returns the playhead position before the flush."""
         heard = self.played
         self._queue.clear()
         self._offset = 0
@@ -70,7 +65,7 @@ class PacedAudioTrack(MediaStreamTrack):
         return heard
 
     def wait_played(self, position: int) -> asyncio.Future[bool]:
-        """Resolves True once the sample before ``position`` is sent, False if it was flushed."""
+        """Resolves True once the sample before ``position`` is played, False if it was flushed."""
         fut: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         if self.played >= position:
             fut.set_result(True)
@@ -78,29 +73,8 @@ class PacedAudioTrack(MediaStreamTrack):
             self._waiters.append((position, fut))
         return fut
 
-    # -- aiortc side ---------------------------------------------------------------------------
-    async def recv(self) -> av.AudioFrame:
-        if self.readyState != "live":
-            raise MediaStreamError
-        now = time.monotonic()
-        if self._start is None:
-            self._start = now
-        else:
-            self._pts += FRAME_SAMPLES
-            due = self._start + self._pts / WEBRTC_RATE
-            if due > now:
-                await asyncio.sleep(due - now)
-            elif now - due > UNDERRUN_SLACK_S:
-                self.late_frames += 1
-        samples = self._take(FRAME_SAMPLES)
-        frame = av.AudioFrame.from_ndarray(samples.reshape(1, -1), format="s16", layout="mono")
-        frame.sample_rate = WEBRTC_RATE
-        frame.pts = self._pts
-        frame.time_base = TIME_BASE
-        self.frames_sent += 1
-        return frame
-
-    def _take(self, n: int) -> Int16Audio:
+    def take(self, n: int, *, pad: bool = True) -> Int16Audio:
+        """Up to ``n`` queued samples (zero-padded to ``n`` when ``pad``), advancing the playhead."""
         out = np.zeros(n, dtype=np.int16)
         filled = 0
         while filled < n and self._queue:
@@ -117,7 +91,7 @@ class PacedAudioTrack(MediaStreamTrack):
                 self.first_audio_at = time.monotonic()
             self.played += filled
             self._wake()
-        return out
+        return out if pad else out[:filled]
 
     def _wake(self) -> None:
         still: list[tuple[int, asyncio.Future[bool]]] = []
@@ -129,6 +103,61 @@ class PacedAudioTrack(MediaStreamTrack):
             else:
                 still.append((pos, fut))
         self._waiters = still
+
+
+class PacedAudioTrack(MediaStreamTrack):
+    kind = "audio"
+
+    def __init__(self, sample_rate: int = WEBRTC_RATE) -> None:
+        super().__init__()
+        if sample_rate != WEBRTC_RATE:
+            raise ValueError("PacedAudioTrack sends 48 kHz; resample before writing")
+        self.sample_rate = sample_rate
+        self.playhead = Playhead()
+        self._start: float | None = None
+        self._pts = 0
+        self.frames_sent = 0
+        self.late_frames = 0
+
+    # -- producer side (the AudioSink protocol) --------------------------------------------------
+    @property
+    def queued(self) -> int:
+        return self.playhead.queued
+
+    @property
+    def written(self) -> int:
+        return self.playhead.written
+
+    def write(self, pcm: Int16Audio) -> int:
+        return self.playhead.write(pcm)
+
+    def flush(self) -> int:
+        return self.playhead.flush()
+
+    def wait_played(self, position: int) -> asyncio.Future[bool]:
+        return self.playhead.wait_played(position)
+
+    # -- aiortc side ---------------------------------------------------------------------------
+    async def recv(self) -> av.AudioFrame:
+        if self.readyState != "live":
+            raise MediaStreamError
+        now = time.monotonic()
+        if self._start is None:
+            self._start = now
+        else:
+            self._pts += FRAME_SAMPLES
+            due = self._start + self._pts / WEBRTC_RATE
+            if due > now:
+                await asyncio.sleep(due - now)
+            elif now - due > UNDERRUN_SLACK_S:
+                self.late_frames += 1
+        samples = self.playhead.take(FRAME_SAMPLES)
+        frame = av.AudioFrame.from_ndarray(samples.reshape(1, -1), format="s16", layout="mono")
+        frame.sample_rate = WEBRTC_RATE
+        frame.pts = self._pts
+        frame.time_base = TIME_BASE
+        self.frames_sent += 1
+        return frame
 
     def stop(self) -> None:
         self.flush()

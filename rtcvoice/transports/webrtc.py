@@ -17,11 +17,12 @@ from concurrent.futures import Executor
 from typing import Any
 
 import av
-from aiortc import RTCConfiguration, RTCDataChannel, RTCIceServer, RTCPeerConnection, RTCSessionDescription
+from aiortc import RTCDataChannel, RTCIceServer, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
 from ..audio import STT_RATE, StreamResampler
 from ..conversation import AudioSink, Conversation
+from .ice import chosen_turn_server, has_relay_candidate, rtc_configuration, turn_allocation_error
 from .tracks import PacedAudioTrack
 
 log = logging.getLogger(__name__)
@@ -34,6 +35,10 @@ ConversationFactory = Callable[[AudioSink, Callable[[dict[str, Any]], None]], Co
 
 class OfferError(ValueError):
     """The client's offer cannot be answered; the message says why."""
+
+
+class RelayUnavailableError(RuntimeError):
+    """The server's peer is relay-only and its TURN server gave it no relay candidate."""
 
 
 def _check_offer(sdp: str) -> None:
@@ -52,12 +57,16 @@ class WebRtcPeer:
         ice_servers: list[RTCIceServer],
         make_conversation: ConversationFactory,
         executor: Executor | None = None,
+        jitter_frames: int = 4,
         on_closed: Callable[[WebRtcPeer], Awaitable[None]] | None = None,
+        relay_only: bool = False,
     ) -> None:
         self.session_id = session_id
         self._ice_servers = ice_servers
+        self._relay_only = relay_only
         self._make_conversation = make_conversation
         self._executor = executor
+        self._jitter_frames = jitter_frames
         self._on_closed = on_closed
         self.pc: RTCPeerConnection | None = None
         self.track = PacedAudioTrack()
@@ -70,12 +79,16 @@ class WebRtcPeer:
         self.connected = asyncio.Event()
         self.done = asyncio.Event()
 
+    @property
+    def late_frames(self) -> int:
+        return self.track.late_frames
+
     # -- signaling --------------------------------------------------------------------------------
     async def answer(self, sdp: str, type_: str = "offer") -> RTCSessionDescription:
         if type_ != "offer":
             raise OfferError("Only an SDP 'offer' can be answered.")
         _check_offer(sdp)
-        pc = RTCPeerConnection(RTCConfiguration(iceServers=self._ice_servers))
+        pc = RTCPeerConnection(rtc_configuration(self._ice_servers, relay_only=self._relay_only))
         self.pc = pc
         self.conversation = self._make_conversation(self.track, self.send)
         pc.on("datachannel", self._on_datachannel)
@@ -90,13 +103,27 @@ class WebRtcPeer:
             raise OfferError("The SDP offer has no usable audio section.")
         if not any(c.name.lower() in ("opus", "pcmu", "pcma") for c in _codecs(audio[0])):
             raise OfferError("The SDP offer has no audio codec rtcvoice can decode (Opus, PCMU or PCMA).")
+        _set_jitter_buffer(audio[0].receiver, self._jitter_frames)
         pc.addTrack(self.track)
         answer = await pc.createAnswer()
         await pc.setLocalDescription(answer)
+        if self._relay_only and not has_relay_candidate(pc.localDescription.sdp):
+            await self._no_relay()
         self.conversation.start()
         self._spawn(self._event_loop(), "events")
         local = pc.localDescription
         return RTCSessionDescription(sdp=local.sdp, type=local.type)
+
+    async def _no_relay(self) -> None:
+        # Without a relay candidate a relay-only answer cannot connect: fail the offer now with
+        # the reason in the log, rather than let the caller wait for ICE to time out.
+        turn_server = chosen_turn_server(self._ice_servers)
+        reason = await turn_allocation_error(turn_server) if turn_server is not None else "no TURN server"
+        url = turn_server.urls if turn_server is not None else "-"
+        log.error(
+            "session %s: relay-only, but TURN server %s gave no relay: %s", self.session_id, url, reason
+        )
+        raise RelayUnavailableError("The server's TURN relay is unavailable; the call cannot be set up.")
 
     # -- events -----------------------------------------------------------------------------------
     def send(self, event: dict[str, Any]) -> None:
@@ -203,6 +230,23 @@ class WebRtcPeer:
         self.done.set()
         if self._on_closed is not None:
             await self._on_closed(self)
+
+
+def _set_jitter_buffer(receiver: Any, frames: int) -> None:
+    """Hold ``frames`` inbound audio frames before decoding (aiortc fixes 4, i.e. 80 ms).
+
+    A frame is released once ``frames`` newer ones have arrived, so each costs 20 ms of
+    voice-to-voice latency and buys tolerance to packet reordering. aiortc has no setting for
+    it; the buffer is a private attribute, so a missing one only logs and keeps aiortc's default.
+    """
+    from aiortc.jitterbuffer import JitterBuffer
+
+    name = "_RTCRtpReceiver__jitter_buffer"
+    current = getattr(receiver, name, None)
+    if not isinstance(current, JitterBuffer):
+        log.warning("aiortc has no %s here; inbound jitter buffer left at its default", name)
+        return
+    setattr(receiver, name, JitterBuffer(capacity=current.capacity, prefetch=max(1, frames)))
 
 
 def _codecs(transceiver: Any) -> list[Any]:

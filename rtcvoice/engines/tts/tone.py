@@ -23,7 +23,9 @@ class ToneTts:
     def __init__(self, seconds_per_word: float = 0.12) -> None:
         self._seconds_per_word = seconds_per_word
 
-    async def synthesize(self, text: str, *, voice: str | None = None, speed: float = 1.0) -> AsyncIterator[FloatAudio]:
+    async def synthesize(
+        self, text: str, *, voice: str | None = None, speed: float = 1.0
+    ) -> AsyncIterator[FloatAudio]:
         words = max(1, len(text.split()))
         n = int(RATE * self._seconds_per_word * words / max(0.5, speed))
         t = np.arange(n, dtype=np.float32) / RATE

@@ -1,0 +1,184 @@
+"""Calls for clients without WebRTC: the session WebSocket, the realtime-style WebSocket, plain HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import logging
+import uuid
+
+import numpy as np
+from aiohttp import web
+
+from ..audio import float_to_int16, write_wav
+from ..conversation.conversation import aclose_stream
+from ..conversation.events import MAX_TEXT_CHARS
+from ..engines.base import AgentContext, ChatMessage, EngineError
+from ..transports.realtime import MAX_MESSAGE_BYTES, RealtimePeer
+from ..transports.websocket import WebSocketPeer
+from .auth import request_user
+from .bodies import json_body, optional_str
+from .calls import prepare_call
+from .errors import ApiError
+from .keys import ENGINES, REALTIME, SESSIONS, SETTINGS, STORE
+from .sessions import session_for
+from .threads import load_history, owned_thread
+
+log = logging.getLogger(__name__)
+
+VOICE = "/api/v1/voice"
+REALTIME_PATH = "/api/v1/streaming/realtime"
+HEARTBEAT_S = 20.0  # WebSocket pings: a vanished client is noticed within ~2 heartbeats
+
+
+async def session_ws(request: web.Request) -> web.StreamResponse:
+    """GET /voice/session/{id}/ws: the WebSocket fallback for a started session."""
+    registry = request.app[SESSIONS]
+    session = session_for(registry, request.match_info["session_id"], request_user(request))
+    if session.peer is not None:
+        raise ApiError(
+            409, "already_connected", "This session already has a connection; start a new session."
+        )
+    ws = web.WebSocketResponse(heartbeat=HEARTBEAT_S, max_msg_size=256 * 1024)
+    if not ws.can_prepare(request).ok:
+        raise ApiError(400, "websocket_required", "Connect with a WebSocket (Upgrade: websocket).")
+    make, recorder = await prepare_call(
+        request.app,
+        session_id=session.id,
+        user_id=session.user_id,
+        thread_id=session.thread_id,
+        voice=session.voice,
+        instructions=session.instructions,
+    )
+    await ws.prepare(request)
+    peer = WebSocketPeer(
+        session_id=session.id, ws=ws, make_conversation=make, executor=request.app[ENGINES].audio_executor
+    )
+    registry.attach(session, peer, recorder)
+    try:
+        await peer.run()
+    finally:
+        await registry.end(session.id, "websocket closed")
+    return ws
+
+
+async def realtime_ws(request: web.Request) -> web.StreamResponse:
+    """GET /streaming/realtime[/{user_id}]: one realtime-style connection, on a new or named thread."""
+    user = request_user(request)
+    path_user = request.match_info.get("user_id")
+    if user is not None and path_user is not None and path_user != user:
+        raise ApiError(403, "forbidden", "The user in the path is not the user of the token.")
+    user = user if user is not None else path_user
+    store = request.app[STORE]
+    thread_id = request.query.get("thread_id")
+    thread = (
+        await owned_thread(store, thread_id, user)
+        if thread_id
+        else await store.create_thread(user, "Voice call")
+    )
+    ws = web.WebSocketResponse(heartbeat=HEARTBEAT_S, max_msg_size=MAX_MESSAGE_BYTES)
+    if not ws.can_prepare(request).ok:
+        raise ApiError(400, "websocket_required", "Connect with a WebSocket (Upgrade: websocket).")
+    connection_id = uuid.uuid4().hex
+    make, recorder = await prepare_call(
+        request.app, session_id=connection_id, user_id=user, thread_id=thread.id
+    )
+    await ws.prepare(request)
+    peer = RealtimePeer(connection_id=connection_id, ws=ws, make_conversation=make)
+    connections = request.app[REALTIME]
+    connections.add(peer)
+    try:
+        await peer.run()
+    finally:
+        connections.discard(peer)
+        await recorder.aclose()
+    return ws
+
+
+async def realtime_status(request: web.Request) -> web.Response:
+    engines = request.app[ENGINES]
+    return web.json_response(
+        {
+            "status": "ok",
+            "connections": len(request.app[REALTIME]),
+            "engines": {"stt": engines.stt.name, "agent": engines.agent.name, "tts": engines.tts.name},
+        }
+    )
+
+
+async def realtime_health(request: web.Request) -> web.Response:
+    return web.json_response({"status": "healthy", "connections": len(request.app[REALTIME])})
+
+
+async def process_transcript(request: web.Request) -> web.Response:
+    """POST /voice/process-transcript: text in, the AI's reply out, both stored in the thread."""
+    body = await json_body(request)
+    transcript = optional_str(body, "transcript", MAX_TEXT_CHARS)
+    if not transcript or not transcript.strip():
+        raise ApiError(400, "invalid_field", "'transcript' must be a non-empty string.")
+    user = request_user(request)
+    body_user = optional_str(body, "user_id", 200)
+    if user is None:
+        user = body_user
+    elif body_user is not None and body_user != user:
+        raise ApiError(403, "forbidden", "'user_id' is not the user of the token.")
+    chat_id = optional_str(body, "chat_id", 200)
+    model_name = optional_str(body, "model_name", 200)
+    with_audio = body.get("with_audio", False) is True
+    store, engines, settings = request.app[STORE], request.app[ENGINES], request.app[SETTINGS]
+    thread = (
+        await owned_thread(store, chat_id, user)
+        if chat_id
+        else await store.create_thread(user, transcript[:60])
+    )
+    history = await load_history(store, thread.id)
+    messages: list[ChatMessage] = [{"role": "system", "content": settings.system_prompt}]
+    messages += history[-settings.max_history_messages :]
+    messages.append({"role": "user", "content": transcript.strip()})
+    user_message = await store.add_message(thread.id, "user", transcript.strip(), content_type="voice")
+    context = AgentContext(session_id=f"http-{user_message.id}", thread_id=thread.id, user_id=user)
+    stream = engines.agent.stream(messages, context)
+    try:
+        async with asyncio.timeout(settings.llm_timeout_s * 2):
+            text = "".join([delta async for delta in stream]).strip()
+    except (EngineError, TimeoutError) as exc:
+        raise ApiError(
+            502, getattr(exc, "code", "agent_timeout"), f"The agent could not answer: {exc or 'timed out'}"
+        ) from None
+    finally:
+        await aclose_stream(stream)
+    reply = await store.add_message(thread.id, "assistant", text, content_type="text")
+    answer: dict[str, object] = {
+        "message_id": reply.id,
+        "user_message_id": user_message.id,
+        "chat_id": thread.id,
+        "text": text,
+        "model_name": model_name or engines.agent.name,
+    }
+    if with_audio and text:
+        answer["audio_wav_base64"] = await _speak_wav(request, text)
+    return web.json_response(answer)
+
+
+async def _speak_wav(request: web.Request, text: str) -> str:
+    tts = request.app[ENGINES].tts
+    try:
+        chunks = [chunk async for chunk in tts.synthesize(text)]
+    except EngineError as exc:
+        raise ApiError(502, exc.code, f"Text-to-speech failed: {exc}") from None
+    pcm = float_to_int16(np.concatenate(chunks)) if chunks else np.zeros(0, np.int16)
+    buf = io.BytesIO()
+    write_wav(buf, pcm, tts.sample_rate)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def routes() -> list[web.RouteDef]:
+    return [
+        web.get(f"{VOICE}/session/{{session_id}}/ws", session_ws),
+        web.post(f"{VOICE}/process-transcript", process_transcript),
+        web.get(REALTIME_PATH, realtime_ws),
+        web.get(f"{REALTIME_PATH}/status", realtime_status),
+        web.get(f"{REALTIME_PATH}/health", realtime_health),
+        web.get(f"{REALTIME_PATH}/{{user_id}}", realtime_ws),
+    ]

@@ -1,0 +1,21 @@
+"""Typed keys of the aiohttp application's shared state (one place, so route modules can share them)."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from ..engines import Engines
+from ..settings import Settings
+from ..store import Store
+from ..transports.realtime import RealtimePeer
+from .auth import Authenticator
+from .sessions import SessionRegistry
+from .turn import IceServers
+
+SETTINGS = web.AppKey("settings", Settings)
+ENGINES = web.AppKey("engines", Engines)
+SESSIONS = web.AppKey("sessions", SessionRegistry)
+ICE = web.AppKey("ice", IceServers)
+STORE = web.AppKey("store", Store)
+AUTH: web.AppKey[Authenticator | None] = web.AppKey("auth")
+REALTIME: web.AppKey[set[RealtimePeer]] = web.AppKey("realtime_connections")

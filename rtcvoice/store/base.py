@@ -1,0 +1,243 @@
+"""Threads and messages shared by text chat and voice calls: the types and the Store interface.
+
+A thread (a row of the ``conversations`` table) belongs to one user, or to nobody: in
+unauthenticated mode every thread has ``user_id`` None, and ``list_threads(None)`` lists exactly
+those. A user's threads never show up for another user or for ``None``, so turning auth on later
+does not expose the anonymous history, nor the other way round.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, Literal, Protocol, cast, runtime_checkable
+
+if TYPE_CHECKING:
+    # Types only: the store must not drag the engines (and their imports) in at run time.
+    from ..engines.base import ChatMessage, Role
+
+log = logging.getLogger("rtcvoice.store")
+
+ContentType = Literal["text", "voice"]
+
+ROLES: frozenset[str] = frozenset({"user", "assistant", "system"})
+CONTENT_TYPES: frozenset[str] = frozenset({"text", "voice"})
+# Ids can come from clients (thread_id on session/start); bound them so a row stays a row.
+MAX_ID_LENGTH = 128
+
+
+class StoreError(Exception):
+    """The store refused or failed an operation; the message says which and why."""
+
+
+class ThreadNotFound(StoreError):
+    """The thread id names no thread (e.g. add_message to a thread that was never created)."""
+
+
+class ThreadExists(StoreError):
+    """create_thread was given the id of a thread that already exists."""
+
+
+def iso_utc(ts: float) -> str:
+    """``2024-05-01T12:00:00.123Z``: the form JavaScript's ``Date`` parses everywhere."""
+    return datetime.fromtimestamp(ts, tz=UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+@dataclass(frozen=True)
+class Thread:
+    id: str
+    user_id: str | None
+    title: str
+    created_at: float
+    updated_at: float
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "id": self.id,
+            "user_id": self.user_id,
+            "title": self.title,
+            "created_at": iso_utc(self.created_at),
+            "updated_at": iso_utc(self.updated_at),
+            "created_at_ts": self.created_at,
+            "updated_at_ts": self.updated_at,
+        }
+
+
+@dataclass(frozen=True)
+class StoredMessage:
+    id: str
+    thread_id: str
+    role: Role
+    content: str
+    content_type: ContentType
+    interrupted: bool
+    session_id: str | None
+    turn_id: str | None
+    created_at: float
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "id": self.id,
+            "thread_id": self.thread_id,
+            "role": self.role,
+            "content": self.content,
+            "content_type": self.content_type,
+            "interrupted": self.interrupted,
+            "session_id": self.session_id,
+            "turn_id": self.turn_id,
+            "created_at": iso_utc(self.created_at),
+            "created_at_ts": self.created_at,
+        }
+
+    def as_chat_message(self) -> ChatMessage:
+        """The message as agent context."""
+        return {"role": self.role, "content": self.content}
+
+
+@runtime_checkable
+class Store(Protocol):
+    async def open(self) -> None:
+        """Connect and create the schema if it is missing. Idempotent."""
+
+    async def close(self) -> None:
+        """Release connections and threads. Idempotent; the store can be opened again."""
+
+    async def create_thread(
+        self, user_id: str | None, title: str = "", thread_id: str | None = None
+    ) -> Thread:
+        """A new thread; ``thread_id`` None picks a fresh UUID. An existing id raises ThreadExists."""
+
+    async def get_thread(self, thread_id: str) -> Thread | None: ...
+
+    async def list_threads(self, user_id: str | None, limit: int = 50) -> list[Thread]:
+        """The user's threads (``None``: the threads without a user), most recently updated first."""
+
+    async def add_message(
+        self,
+        thread_id: str,
+        role: str,
+        content: str,
+        *,
+        content_type: str = "voice",
+        interrupted: bool = False,
+        session_id: str | None = None,
+        turn_id: str | None = None,
+    ) -> StoredMessage:
+        """Append a message and bump the thread's ``updated_at``.
+
+        The row is committed before this returns: a process killed right after keeps it.
+        An unknown thread raises ThreadNotFound; a bad role or content type, StoreError.
+        """
+
+    async def list_messages(self, thread_id: str, limit: int = 500) -> list[StoredMessage]:
+        """The thread's latest ``limit`` messages, oldest first, in insertion order.
+
+        An unknown thread has no messages. Insertion order comes from a sequence column, so
+        messages added within the same clock tick still come back in the order they were added.
+        """
+
+
+# -- helpers shared by the backends ------------------------------------------------------------
+
+
+class MonotonicClock:
+    """Wall-clock seconds that never repeat or go back within one process.
+
+    Threads are listed by ``updated_at``: two updates in the same clock tick (or across an NTP
+    step back) would otherwise tie or invert, and "most recent first" would be a coin toss.
+    """
+
+    _STEP = 1e-6  # well above a double's resolution near 2e9 s (about 2.4e-7)
+
+    def __init__(self) -> None:
+        self._last = 0.0
+        self._lock = threading.Lock()
+
+    def now(self) -> float:
+        with self._lock:
+            self._last = max(time.time(), self._last + self._STEP)
+            return self._last
+
+
+def log_orphaned_failure(done: asyncio.Future[Any]) -> None:
+    """Done-callback for a write whose caller was cancelled: nobody awaits its outcome any more,
+    so a failure has to show in the log instead."""
+    if not done.cancelled() and (exc := done.exception()) is not None:
+        log.error("a store write whose caller was cancelled failed: %s", exc, exc_info=exc)
+
+
+def new_id() -> str:
+    return str(uuid.uuid4())
+
+
+def check_id(value: str, what: str) -> str:
+    if not isinstance(value, str) or not 0 < len(value) <= MAX_ID_LENGTH:
+        raise StoreError(f"{what} must be a string of 1 to {MAX_ID_LENGTH} characters")
+    return value
+
+
+def check_optional_id(value: str | None, what: str) -> str | None:
+    return None if value is None else check_id(value, what)
+
+
+def check_role(role: str) -> Role:
+    if role not in ROLES:
+        raise StoreError(f"role must be one of {sorted(ROLES)}, not {role!r}")
+    return cast("Role", role)
+
+
+def check_content_type(content_type: str) -> ContentType:
+    if content_type not in CONTENT_TYPES:
+        raise StoreError(f"content_type must be one of {sorted(CONTENT_TYPES)}, not {content_type!r}")
+    return cast("ContentType", content_type)
+
+
+THREAD_COLUMNS = ("id", "user_id", "title", "created_at", "updated_at")
+MESSAGE_COLUMNS = (
+    "id",
+    "conversation_id",
+    "role",
+    "content",
+    "content_type",
+    "interrupted",
+    "session_id",
+    "turn_id",
+    "created_at",
+)
+
+
+def thread_from_row(row: Any) -> Thread:
+    """A Thread from a row of THREAD_COLUMNS (an sqlite3 tuple or an asyncpg Record)."""
+    return Thread(
+        id=str(row[0]),
+        user_id=None if row[1] is None else str(row[1]),
+        title=str(row[2]),
+        created_at=float(row[3]),
+        updated_at=float(row[4]),
+    )
+
+
+def message_from_row(row: Any) -> StoredMessage:
+    """A StoredMessage from a row of MESSAGE_COLUMNS."""
+    return StoredMessage(
+        id=str(row[0]),
+        thread_id=str(row[1]),
+        role=check_role(str(row[2])),
+        content=str(row[3]),
+        content_type=check_content_type(str(row[4])),
+        interrupted=bool(row[5]),
+        session_id=None if row[6] is None else str(row[6]),
+        turn_id=None if row[7] is None else str(row[7]),
+        created_at=float(row[8]),
+    )
+
+
+def check_limit(limit: int) -> int:
+    if limit < 1:
+        raise StoreError(f"limit must be at least 1, not {limit}")
+    return limit

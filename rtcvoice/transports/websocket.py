@@ -1,0 +1,180 @@
+"""The WebSocket fallback: the same call as WebRTC, for clients that cannot do WebRTC.
+
+In: binary frames of PCM16 16 kHz mono (any length), and the same JSON client events as the data
+channel, plus ``end_of_input`` for push-to-talk. Out: the same JSON server events, and the AI's
+voice as binary frames of PCM16 mono at ``OUTPUT_RATE``, sent in real time with a small lead,
+so that a barge-in stops it as quickly as on WebRTC (audio already sent cannot be recalled).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+from aiohttp import WSMsgType, web
+
+from ..audio import Int16Audio
+from ..conversation import AudioSink, Conversation
+from .tracks import Playhead
+
+log = logging.getLogger(__name__)
+
+OUTPUT_RATE = 24_000
+CHUNK_S = 0.04  # audio frame size on the wire
+LEAD_S = 0.2  # how far ahead of real time audio is sent: absorbs network jitter
+MAX_AUDIO_FRAME_BYTES = 64 * 1024  # 2 s of 16 kHz PCM16 per frame is plenty
+
+ConversationFactory = Callable[[AudioSink, Callable[[dict[str, Any]], None]], Conversation]
+
+
+class PacedPcmSink:
+    """An AudioSink that sends PCM16 binary frames no faster than real time (plus ``LEAD_S``)."""
+
+    sample_rate = OUTPUT_RATE
+
+    def __init__(self, send: Callable[[bytes], None]) -> None:
+        self._send = send
+        self.playhead = Playhead()
+        self._clock_start: float | None = None
+        self._clock_sent = 0
+        self._last_pump = time.monotonic()
+        self.late_frames = 0
+
+    @property
+    def queued(self) -> int:
+        return self.playhead.queued
+
+    def write(self, pcm: Int16Audio) -> int:
+        return self.playhead.write(pcm)
+
+    def flush(self) -> int:
+        self._clock_start = None
+        return self.playhead.flush()
+
+    def wait_played(self, position: int) -> asyncio.Future[bool]:
+        return self.playhead.wait_played(position)
+
+    def pump(self) -> None:
+        """Send what real time (plus the lead) allows; called every ``CHUNK_S``."""
+        now = time.monotonic()
+        last, self._last_pump = self._last_pump, now
+        if self.playhead.queued == 0:
+            self._clock_start = None  # idle: the next reply starts a new clock
+            return
+        if now - last > 3 * CHUNK_S and self._clock_start is not None:
+            self.late_frames += 1  # the loop stalled mid-reply: the client may hear a gap
+        if self._clock_start is None:
+            self._clock_start, self._clock_sent = now, 0
+        allowed = int((now - self._clock_start + LEAD_S) * OUTPUT_RATE) - self._clock_sent
+        chunk = int(CHUNK_S * OUTPUT_RATE)
+        while allowed >= chunk or (allowed > 0 and self.playhead.queued <= allowed):
+            pcm = self.playhead.take(min(chunk, allowed), pad=False)
+            if pcm.size == 0:
+                break
+            self._send(pcm.astype("<i2").tobytes())
+            self._clock_sent += pcm.size
+            allowed -= pcm.size
+
+
+class WebSocketPeer:
+    """One WebSocket call. :meth:`run` returns when the socket closes; :meth:`close` is idempotent."""
+
+    def __init__(
+        self,
+        *,
+        session_id: str,
+        ws: web.WebSocketResponse,
+        make_conversation: ConversationFactory,
+        executor: Any = None,
+    ) -> None:
+        self.session_id = session_id
+        self.ws = ws
+        self._outbox: asyncio.Queue[str | bytes | None] = asyncio.Queue()
+        self.sink = PacedPcmSink(self._outbox.put_nowait)
+        self.conversation = make_conversation(self.sink, self._send_event)
+        self._executor = executor
+        self.connected = asyncio.Event()
+        self.connected.set()
+        self.done = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._closed = False
+
+    @property
+    def late_frames(self) -> int:
+        return self.sink.late_frames
+
+    def _send_event(self, event: dict[str, Any]) -> None:
+        self._outbox.put_nowait(json.dumps(event, separators=(",", ":")))
+
+    async def run(self) -> None:
+        self._tasks = [
+            asyncio.create_task(self._write_loop(), name=f"ws-out-{self.session_id}"),
+            asyncio.create_task(self._pace_loop(), name=f"ws-pace-{self.session_id}"),
+        ]
+        self.conversation.start()
+        try:
+            async for msg in self.ws:
+                if msg.type == WSMsgType.BINARY:
+                    await self._on_audio(msg.data)
+                elif msg.type == WSMsgType.TEXT:
+                    await self.conversation.handle_client_message(msg.data)
+                elif msg.type == WSMsgType.ERROR:
+                    log.info("session %s: websocket error %s", self.session_id, self.ws.exception())
+                    break
+        finally:
+            await self.close()
+
+    async def _on_audio(self, data: bytes) -> None:
+        if len(data) % 2 or len(data) > MAX_AUDIO_FRAME_BYTES:
+            self._send_event(
+                {
+                    "type": "error",
+                    "session_id": self.session_id,
+                    "code": "invalid_audio",
+                    "message": f"Binary frames are PCM16 mono 16 kHz: an even number of bytes, at most {MAX_AUDIO_FRAME_BYTES}.",
+                }
+            )
+            return
+        await self.conversation.push_audio(np.frombuffer(data, dtype="<i2").astype(np.int16))
+
+    async def _write_loop(self) -> None:
+        while True:
+            item = await self._outbox.get()
+            if item is None or self.ws.closed:
+                return
+            try:
+                if isinstance(item, bytes):
+                    await self.ws.send_bytes(item)
+                else:
+                    await self.ws.send_str(item)
+            except ConnectionError:
+                return  # the client is gone; run() sees the close and ends the call
+
+    async def _pace_loop(self) -> None:
+        while True:
+            self.sink.pump()
+            await asyncio.sleep(CHUNK_S / 2)
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        await self.conversation.aclose()
+        # Let what is already queued (the last events of the call) reach the client.
+        self._outbox.put_nowait(None)
+        if self._tasks:
+            try:
+                await asyncio.wait_for(asyncio.shield(self._tasks[0]), 1.0)
+            except (TimeoutError, ConnectionError):
+                log.info("session %s: could not deliver the last events", self.session_id)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if not self.ws.closed:
+            await self.ws.close()
+        self.done.set()

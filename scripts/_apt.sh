@@ -1,0 +1,49 @@
+# Sourced by scripts/test: Debian packages the browser tests need, installed only when missing.
+# `apt-get update` runs at most once per run, and only if something has to be installed.
+# (scripts/_apt_turn.sh does the same for coturn; the two are kept apart on purpose.)
+
+_RTCVOICE_APT_UPDATED=""
+
+apt_install() {
+  if ! command -v apt-get >/dev/null 2>&1; then
+    echo "the tests need the packages: $* (no apt-get here: install them yourself)" >&2
+    exit 1
+  fi
+  local sudo=""
+  if [ "$(id -u)" -ne 0 ]; then
+    if ! command -v sudo >/dev/null 2>&1; then
+      echo "the tests need the packages: $* (run as root, or install them yourself)" >&2
+      exit 1
+    fi
+    sudo="sudo"
+  fi
+  if [ -z "$_RTCVOICE_APT_UPDATED" ]; then
+    echo "==> apt-get update"
+    $sudo apt-get update -qq
+    _RTCVOICE_APT_UPDATED=1
+  fi
+  echo "==> installing $* (apt-get)"
+  $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+}
+
+# Debian's Chromium for tests/test_browser.py (Playwright drives it; it never downloads a browser).
+ensure_chromium() {
+  if [ ! -x "${RTCVOICE_CHROMIUM:-/usr/bin/chromium}" ]; then
+    apt_install chromium
+  fi
+}
+
+# Node.js and npm for the type-check of web/rtcvoice.d.ts and web/react (tests/test_web_types.py).
+ensure_npm() {
+  if ! command -v npm >/dev/null 2>&1; then
+    apt_install nodejs npm
+  fi
+}
+
+# PostgreSQL server binaries for tests/test_store.py, which runs initdb in a temp dir and starts
+# its own throwaway server on a free port (tests/pg.py): the package's own cluster is never used.
+ensure_postgresql() {
+  if ! compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null; then
+    apt_install postgresql
+  fi
+}

@@ -1,0 +1,418 @@
+// Types for rtcvoice.js, the browser client of an rtcvoice server.
+// Server events are JSON objects with a `type`; every one carries `session_id`, turn events
+// carry `turn_id`. Field names follow the server (snake_case).
+
+export declare const VERSION: string;
+/** The HTTP API's prefix: "/api/v1/voice". */
+export declare const API_PREFIX: string;
+
+// ---- server events ------------------------------------------------------------------------------
+
+export type AiState = "listening" | "thinking" | "speaking";
+
+export interface ServerEventBase {
+  type: string;
+  session_id: string;
+  turn_id?: string;
+}
+
+export interface SessionStartedEvent extends ServerEventBase {
+  type: "session.started";
+  thread_id: string | null;
+  agent: string;
+  stt: string;
+  tts: string;
+  voice: string;
+  language: string;
+  sample_rate: number;
+}
+
+export interface SessionUpdatedEvent extends ServerEventBase {
+  type: "session.updated";
+  voice: string;
+  language: string;
+  speed: number;
+}
+
+export interface StateEvent extends ServerEventBase {
+  type: "state";
+  state: AiState;
+}
+
+export interface SpeechStartedEvent extends ServerEventBase {
+  type: "speech_started";
+}
+
+export interface SpeechStoppedEvent extends ServerEventBase {
+  type: "speech_stopped";
+  turn_id: string;
+}
+
+/** What the user is saying, while they say it; replaced by `final_transcript`. */
+export interface PartialTranscriptEvent extends ServerEventBase {
+  type: "partial_transcript";
+  text: string;
+}
+
+export interface FinalTranscriptEvent extends ServerEventBase {
+  type: "final_transcript";
+  turn_id: string;
+  text: string;
+  /** True when the speech turned out to be noise: nothing is answered. */
+  empty?: boolean;
+}
+
+/** A piece (delta) of the AI's reply, as the model streams it. */
+export interface AiTextEvent extends ServerEventBase {
+  type: "ai_text";
+  turn_id: string;
+  text: string;
+}
+
+export interface EndOfResponseEvent extends ServerEventBase {
+  type: "end_of_response";
+  turn_id: string;
+  interrupted: boolean;
+  /** The whole reply as generated (an interrupted one was not all heard). */
+  text: string;
+}
+
+/** Per-turn latency in milliseconds; null where a stage did not happen (a typed turn has no STT). */
+export interface MetricsEvent extends ServerEventBase {
+  type: "metrics";
+  turn_id: string;
+  /** The caller's last speech to the end-of-turn decision. */
+  end_of_turn: number | null;
+  /** Turn end to transcript. */
+  stt: number | null;
+  /** Agent start to its first token. */
+  llm_first_token: number | null;
+  /** Agent start until the first sentence or clause is ready to speak. */
+  llm_first_sentence: number | null;
+  /** First sentence handed to TTS until its audio is queued. */
+  tts_first_audio: number | null;
+  /** The caller's last speech (as the server received it) to the first reply sample sent. */
+  voice_to_voice: number | null;
+  /**
+   * First audio ready minus turn end, floored at 0: the STT + LLM + TTS time that speculation
+   * during the end-of-turn silence did not hide.
+   */
+  compute_after_turn_end?: number | null;
+  /** Time that is neither the configured silence nor STT/LLM/TTS (VAD, queueing, pacing). */
+  server_overhead?: number | null;
+  /** The turn's work started during the end-of-turn silence, before the turn ended. */
+  speculative?: boolean;
+  /** Older servers: the transcript was started during the silence. */
+  speculative_stt?: boolean;
+}
+
+export interface ServerErrorEvent extends ServerEventBase {
+  type: "error";
+  code: string;
+  message: string;
+}
+
+export interface PongEvent extends ServerEventBase {
+  type: "pong";
+  id?: unknown;
+  t?: unknown;
+}
+
+export type ServerEvent =
+  | SessionStartedEvent
+  | SessionUpdatedEvent
+  | StateEvent
+  | SpeechStartedEvent
+  | SpeechStoppedEvent
+  | PartialTranscriptEvent
+  | FinalTranscriptEvent
+  | AiTextEvent
+  | EndOfResponseEvent
+  | MetricsEvent
+  | ServerErrorEvent
+  | PongEvent;
+
+// ---- client events ------------------------------------------------------------------------------
+
+export interface SessionUpdate {
+  voice?: string;
+  instructions?: string;
+  language?: string;
+  /** 0.5 to 2.0 */
+  speed?: number;
+}
+
+export type ClientEvent =
+  | { type: "text_message"; content: string }
+  | { type: "interrupt" }
+  | ({ type: "session.update" } & SessionUpdate)
+  | { type: "ping"; id?: number; t?: number };
+
+// ---- errors -------------------------------------------------------------------------------------
+
+export type ErrorCode =
+  /** No RTCPeerConnection here (and the WebSocket fallback is not available yet). */
+  | "webrtc_unavailable"
+  /** The page is not https:// or localhost, so the browser hides the microphone. */
+  | "insecure_context"
+  | "microphone_unsupported"
+  | "microphone_denied"
+  | "microphone_not_found"
+  | "microphone_in_use"
+  /** The server could not be reached (down, wrong address, offline, CORS) or did not answer in time. */
+  | "server_unreachable"
+  /** HTTP 503/429 from the server: at its call limit; see `retryAfter`. */
+  | "server_busy"
+  | "unauthorized"
+  /** Another 4xx from the server; `serverCode` and the message say why. */
+  | "session_refused"
+  | "server_error"
+  | "bad_response"
+  /** ICE did not connect (or failed with reconnection off). */
+  | "ice_failed"
+  /** ICE failed mid-call and every reconnection attempt failed too. */
+  | "connection_lost"
+  | "autoplay_blocked"
+  | "aborted"
+  | "already_started"
+  | "invalid_text"
+  | "timeout"
+  | "internal_error"
+  /** Errors the server sends on the data channel keep its code (e.g. "agent_timeout"). */
+  | (string & {});
+
+export declare class RtcVoiceError extends Error {
+  constructor(
+    code: ErrorCode,
+    message: string,
+    details?: {
+      fatal?: boolean;
+      source?: "client" | "server";
+      status?: number;
+      serverCode?: string;
+      retryAfter?: number;
+      turnId?: string;
+      cause?: unknown;
+    },
+  );
+  readonly name: "RtcVoiceError";
+  readonly code: ErrorCode;
+  /** A message a person can act on. */
+  readonly message: string;
+  /** True when the call is over because of it. Errors the server reports mid-call are not fatal. */
+  readonly fatal: boolean;
+  readonly source: "client" | "server";
+  /** HTTP status, for errors from the signaling API. */
+  readonly status?: number;
+  /** The server's own error code (HTTP `error.code` or the data channel event's `code`). */
+  readonly serverCode?: string;
+  /** Seconds, from the server's Retry-After. */
+  readonly retryAfter?: number;
+  readonly turnId?: string;
+}
+
+// ---- connecting ---------------------------------------------------------------------------------
+
+export type ConnectionState = "idle" | "connecting" | "connected" | "reconnecting" | "closed" | "failed";
+
+export interface ConnectionEvent {
+  state: ConnectionState;
+  sessionId: string | null;
+  /** "hangup" or "remote" (the server ended the call) when closed; the cause while reconnecting. */
+  reason?: string;
+  attempt?: number;
+  attempts?: number;
+  reconnected?: boolean;
+  error?: RtcVoiceError;
+}
+
+export interface ReconnectOptions {
+  /** Fresh sessions to try after ICE fails mid-call (default 3; 0 turns reconnection off). */
+  attempts?: number;
+  /** Wait before attempt n is n times this (default 1000 ms). */
+  backoffMs?: number;
+  /** How long "disconnected" may last before it counts as failed (default 4000 ms). */
+  disconnectedTimeoutMs?: number;
+}
+
+export interface ConnectOptions {
+  /** The server's base URL, e.g. "https://voice.example.com" (default: this page's origin). */
+  server?: string;
+  /** Sent as `Authorization: Bearer <token>` on every HTTP request. */
+  token?: string;
+  /** Overrides the ICE servers the server suggests in its session/start answer. */
+  iceServers?: RTCIceServer[];
+  /** "relay" forces media through a TURN server (which iceServers or the server must provide). */
+  iceTransportPolicy?: RTCIceTransportPolicy;
+  /** Sent to POST /session/start. */
+  session?: { thread_id?: string; voice?: string; instructions?: string; [key: string]: unknown };
+  /**
+   * Microphone constraints merged over the defaults (echoCancellation, noiseSuppression and
+   * autoGainControl on, mono), or a MediaStream you opened yourself (it is not stopped on hang-up).
+   */
+  audio?: MediaTrackConstraints | MediaStream;
+  /** false: a listen-only call (type with sendText, hear the answers). Default true. */
+  microphone?: boolean;
+  /** Where the AI's voice plays (default: a detached <audio autoplay> element). */
+  audioElement?: HTMLAudioElement;
+  /**
+   * "auto" (default) uses WebRTC and falls back to the WebSocket transport where WebRTC is
+   * missing. The server does not offer the WebSocket transport yet, so today "websocket", and
+   * "auto" without WebRTC, fail with a `webrtc_unavailable` error.
+   */
+  transport?: "auto" | "webrtc" | "websocket";
+  /** Reconnection after ICE fails mid-call; false turns it off. */
+  reconnect?: boolean | ReconnectOptions;
+  /** From the offer until the call is up (default 20000 ms); then `ice_failed`. */
+  connectTimeoutMs?: number;
+  /** Per HTTP request (default 15000 ms). */
+  requestTimeoutMs?: number;
+  /** The longest wait for ICE candidates before the offer is sent anyway (default 4000 ms). */
+  iceGatheringTimeoutMs?: number;
+  /** Hang up when the page is closed or navigated away (default true). */
+  endOnPageHide?: boolean;
+  /** Handlers subscribed before connecting (for `connect()`, which resolves only once connected). */
+  on?: { [K in keyof VoiceCallEvents]?: (event: VoiceCallEvents[K]) => void };
+}
+
+export interface TextSentEvent {
+  type: "text_sent";
+  text: string;
+}
+
+export interface VoiceCallEvents {
+  connection: ConnectionEvent;
+  /** Every error: the client's (fatal ones end the call) and those the server reports. */
+  error: RtcVoiceError;
+  /** Every server event, whatever its type. */
+  event: ServerEvent;
+  "session.started": SessionStartedEvent;
+  "session.updated": SessionUpdatedEvent;
+  state: StateEvent;
+  speech_started: SpeechStartedEvent;
+  speech_stopped: SpeechStoppedEvent;
+  partial_transcript: PartialTranscriptEvent;
+  final_transcript: FinalTranscriptEvent;
+  ai_text: AiTextEvent;
+  end_of_response: EndOfResponseEvent;
+  metrics: MetricsEvent;
+  pong: PongEvent;
+  /** The AI's audio arrived (again after a reconnection): for level meters or recording. */
+  track: { stream: MediaStream; track: MediaStreamTrack };
+  mute: { muted: boolean };
+  text_sent: TextSentEvent;
+}
+
+export type Unsubscribe = () => void;
+
+export declare class VoiceCall {
+  constructor(options?: ConnectOptions);
+  readonly options: ConnectOptions;
+  readonly server: string;
+  readonly sessionId: string | null;
+  readonly threadId: string | null;
+  readonly connectionState: ConnectionState;
+  /** The AI's state from the last `state` event (null before the first one). */
+  readonly state: AiState | null;
+  readonly muted: boolean;
+  readonly localStream: MediaStream | null;
+  readonly remoteStream: MediaStream | null;
+  readonly peerConnection: RTCPeerConnection | null;
+  readonly transport: "webrtc" | "websocket" | null;
+  readonly audioElement: HTMLAudioElement | null;
+
+  /** Ask for the microphone, start a session and connect; rejects with the error also emitted as `error`. */
+  connect(): Promise<this>;
+  on<K extends keyof VoiceCallEvents>(type: K, handler: (event: VoiceCallEvents[K]) => void): Unsubscribe;
+  off<K extends keyof VoiceCallEvents>(type: K, handler: (event: VoiceCallEvents[K]) => void): void;
+  once<K extends keyof VoiceCallEvents>(type: K, handler: (event: VoiceCallEvents[K]) => void): Unsubscribe;
+  mute(): void;
+  unmute(): void;
+  /** Returns the new muted state. */
+  toggleMute(): boolean;
+  setMuted(muted: boolean): void;
+  /** Stop the AI mid-sentence. */
+  interrupt(): void;
+  /** Type instead of speaking: the AI answers it like speech. */
+  sendText(text: string): void;
+  /** Kept across reconnections. */
+  updateSession(update: SessionUpdate): void;
+  /** Data channel round trip in ms. */
+  ping(timeoutMs?: number): Promise<number>;
+  /** Any client event; queued (up to 50) while connecting or reconnecting. Returns whether it was sent now. */
+  send(event: ClientEvent): boolean;
+  hangUp(): Promise<void>;
+  getStats(): Promise<RTCStatsReport | null>;
+  /** Retry playback after an `autoplay_blocked` error; call it from a click handler. */
+  resumeAudio(): Promise<void>;
+}
+
+/** A call that is not started yet: subscribe to its events, then `await call.connect()`. */
+export declare function createCall(options?: ConnectOptions): VoiceCall;
+
+/** Start a call; resolves once connected, rejects with an RtcVoiceError. */
+export declare function connect(options?: ConnectOptions): Promise<VoiceCall>;
+
+export interface Support {
+  webrtc: boolean;
+  microphone: boolean;
+  secureContext: boolean;
+  websocket: boolean;
+}
+
+export declare function checkSupport(): Support;
+
+export interface Voice {
+  id: string;
+  name: string;
+  gender: string;
+  language: string;
+  engine?: string;
+  online?: boolean;
+}
+
+/** GET /api/v1/voice/voices. */
+export declare function fetchVoices(options?: {
+  server?: string;
+  token?: string;
+  signal?: AbortSignal;
+}): Promise<{ voices: Voice[]; default: string | null }>;
+
+// ---- transcript ---------------------------------------------------------------------------------
+
+export interface TranscriptEntry {
+  /** Stable, for list keys. */
+  id: number;
+  role: "user" | "assistant";
+  text: string;
+  /** false while the user is still speaking (a partial) or the AI is still answering. */
+  final: boolean;
+  turnId?: string;
+  /** "text" for what the user typed. */
+  source: "voice" | "text";
+  /** The user talked over (or stopped) this reply. */
+  interrupted?: boolean;
+}
+
+export declare class Transcript {
+  constructor();
+  readonly entries: TranscriptEntry[];
+  /** Follow a call's events; returns a function that stops following it. */
+  attach(call: VoiceCall): Unsubscribe;
+  /** Called with the entries after every change. */
+  subscribe(listener: (entries: TranscriptEntry[]) => void): Unsubscribe;
+  /** Apply one server event or a `text_sent`; returns whether anything changed. */
+  apply(event: ServerEvent | TextSentEvent): boolean;
+  clear(): void;
+}
+
+// ---- levels -------------------------------------------------------------------------------------
+
+export declare class LevelMeter {
+  constructor(stream: MediaStream, options?: { context?: AudioContext; floorDb?: number });
+  readonly context: AudioContext;
+  /** 0 (at or below floorDb, default -60 dBFS) to 1 (full scale). */
+  level(): number;
+  /** Disconnects; closes the AudioContext if the meter made it. */
+  close(): void;
+}

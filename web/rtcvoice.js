@@ -1,0 +1,976 @@
+// rtcvoice.js: the browser client for an rtcvoice server.
+//
+// A dependency-free ES module (no build step); types are in rtcvoice.d.ts next to it.
+//
+//   import { connect } from "/static/rtcvoice.js";
+//   const call = await connect({ server: "https://voice.example.com", token });
+//   call.on("final_transcript", (e) => console.log("you:", e.text));
+//   call.on("ai_text", (e) => console.log("ai:", e.text));
+//   call.on("error", (err) => alert(err.message));
+//   ...
+//   await call.hangUp();
+//
+// What it does for you: asks for the microphone (echo cancellation, noise suppression and
+// automatic gain on), starts a session, makes the WebRTC offer (with the data channel the server
+// expects) and sends it once ICE gathering is done, plays the AI's voice, turns every failure
+// into an RtcVoiceError whose message a person can act on, and starts a fresh session on the
+// same microphone when ICE fails mid-call (the server cannot restart ICE on a live peer).
+
+export const VERSION = "0.1.0";
+export const API_PREFIX = "/api/v1/voice";
+
+const DEFAULT_AUDIO = {
+  echoCancellation: true,
+  noiseSuppression: true,
+  autoGainControl: true,
+  channelCount: 1,
+};
+
+const DEFAULTS = {
+  connectTimeoutMs: 20000,
+  requestTimeoutMs: 15000,
+  iceGatheringTimeoutMs: 4000,
+  reconnect: { attempts: 3, backoffMs: 1000, disconnectedTimeoutMs: 4000 },
+};
+
+const MAX_QUEUED_SENDS = 50;
+// The server's WebSocket transport does not exist yet; when it does, this turns the fallback on.
+const WEBSOCKET_TRANSPORT = false;
+
+// -- errors -------------------------------------------------------------------------------------
+
+export class RtcVoiceError extends Error {
+  /**
+   * @param {string} code machine-readable reason (see ErrorCode in rtcvoice.d.ts)
+   * @param {string} message what a person should read
+   * @param {object} [details]
+   */
+  constructor(code, message, details = {}) {
+    super(message, details.cause !== undefined ? { cause: details.cause } : undefined);
+    this.name = "RtcVoiceError";
+    this.code = code;
+    this.fatal = details.fatal ?? true;
+    this.source = details.source ?? "client";
+    this.status = details.status;
+    this.serverCode = details.serverCode;
+    this.retryAfter = details.retryAfter;
+    this.turnId = details.turnId;
+  }
+}
+
+const MESSAGES = {
+  webrtc_unavailable:
+    "This browser can't make WebRTC calls. Please use a current version of Chrome, Edge, Firefox or Safari.",
+  insecure_context:
+    "The microphone only works on secure pages. Open this page over https:// (or on localhost) and try again.",
+  microphone_unsupported: "This browser doesn't give web pages access to a microphone.",
+  microphone_denied:
+    "Microphone access is blocked. Allow the microphone for this site (click the icon at the left of the address bar), then start the call again.",
+  microphone_not_found: "No microphone was found. Plug one in (or check your system's sound settings) and try again.",
+  microphone_in_use:
+    "Your microphone couldn't be started. Another app may be using it: close that app and try again.",
+  ice_failed:
+    "The call couldn't connect: the network between you and the voice server blocks the audio. Try another network, or ask the site's administrator to set up a TURN server.",
+  connection_lost: "The call dropped and couldn't be reconnected. Check your connection and start the call again.",
+  aborted: "The call was hung up before it connected.",
+  bad_response: "The voice server sent an answer this page doesn't understand. Is the address right?",
+};
+
+function serverHost(server) {
+  try {
+    return new URL(server || globalThis.location?.href).host || server;
+  } catch {
+    return server;
+  }
+}
+
+function microphoneError(err) {
+  const name = err && typeof err === "object" ? err.name : "";
+  if (name === "NotAllowedError" || name === "SecurityError" || name === "PermissionDeniedError") {
+    return new RtcVoiceError("microphone_denied", MESSAGES.microphone_denied, { cause: err });
+  }
+  if (name === "NotFoundError" || name === "OverconstrainedError" || name === "DevicesNotFoundError") {
+    return new RtcVoiceError("microphone_not_found", MESSAGES.microphone_not_found, { cause: err });
+  }
+  return new RtcVoiceError("microphone_in_use", MESSAGES.microphone_in_use, { cause: err });
+}
+
+function httpError(status, body, headers, server) {
+  const info = body && typeof body === "object" && body.error && typeof body.error === "object" ? body.error : {};
+  const serverCode = typeof info.code === "string" ? info.code : undefined;
+  const said = typeof info.message === "string" ? info.message : "";
+  const details = { status, serverCode, source: "server" };
+  if (status === 503 || status === 429) {
+    const retry = Number.parseInt(headers?.get?.("Retry-After") ?? "", 10);
+    const retryAfter = Number.isFinite(retry) ? retry : undefined;
+    const when = retryAfter !== undefined ? `in ${retryAfter} second${retryAfter === 1 ? "" : "s"}` : "shortly";
+    return new RtcVoiceError(
+      "server_busy",
+      `The voice server is busy: all of its lines are in use. Please try again ${when}.`,
+      { ...details, retryAfter },
+    );
+  }
+  if (status === 401 || status === 403) {
+    return new RtcVoiceError(
+      "unauthorized",
+      "The voice server didn't accept this app's sign-in. Sign in again, then start the call.",
+      details,
+    );
+  }
+  if (status >= 500) {
+    return new RtcVoiceError(
+      "server_error",
+      `The voice server ran into a problem (HTTP ${status})${said ? `: ${said}` : "."} Please try again in a moment.`,
+      details,
+    );
+  }
+  return new RtcVoiceError(
+    "session_refused",
+    `The voice server refused to start the call${said ? `: ${said}` : ` (HTTP ${status}).`}`,
+    details,
+  );
+}
+
+function toRtcVoiceError(err) {
+  if (err instanceof RtcVoiceError) return err;
+  const text = err && err.message ? err.message : String(err);
+  return new RtcVoiceError("internal_error", `Something went wrong in the call: ${text}`, { cause: err });
+}
+
+// -- feature detection --------------------------------------------------------------------------
+
+/** What this browser can do; `connect()` checks the same things and reports them as errors. */
+export function checkSupport() {
+  const g = globalThis;
+  return {
+    webrtc: typeof g.RTCPeerConnection === "function",
+    microphone: !!g.navigator?.mediaDevices?.getUserMedia,
+    secureContext: g.isSecureContext !== false,
+    websocket: typeof g.WebSocket === "function",
+  };
+}
+
+// -- small helpers ------------------------------------------------------------------------------
+
+function joinUrl(server, path) {
+  if (/^[a-z][a-z0-9+.-]*:\/\//i.test(path)) return path;
+  const base = (server || "").replace(/\/+$/, "");
+  return base + (path.startsWith("/") ? path : `/${path}`);
+}
+
+function sleep(ms) {
+  return new Promise((resolve) => setTimeout(resolve, ms));
+}
+
+function waitForIceGathering(pc, timeoutMs) {
+  if (pc.iceGatheringState === "complete") return Promise.resolve();
+  return new Promise((resolve) => {
+    const done = () => {
+      clearTimeout(timer);
+      pc.removeEventListener("icegatheringstatechange", onState);
+      pc.removeEventListener("icecandidate", onCandidate);
+      resolve();
+    };
+    const onState = () => {
+      if (pc.iceGatheringState === "complete") done();
+    };
+    const onCandidate = (event) => {
+      if (!event.candidate) done();
+    };
+    // The server does not take trickled candidates: the offer goes once gathering is done, or
+    // with what was found by then (an unreachable STUN/TURN server must not hold the call up).
+    const timer = setTimeout(done, timeoutMs);
+    pc.addEventListener("icegatheringstatechange", onState);
+    pc.addEventListener("icecandidate", onCandidate);
+  });
+}
+
+/** GET /api/v1/voice/voices: the voices the server's TTS offers, and its default. */
+export async function fetchVoices(options = {}) {
+  const headers = options.token ? { Authorization: `Bearer ${options.token}` } : {};
+  let res;
+  try {
+    res = await fetch(joinUrl(options.server ?? "", `${API_PREFIX}/voices`), { headers, signal: options.signal });
+  } catch (err) {
+    if (err && err.name === "AbortError") throw err;
+    throw new RtcVoiceError(
+      "server_unreachable",
+      `Can't reach the voice server at ${serverHost(options.server)}. Check that it is running and that you are online.`,
+      { cause: err },
+    );
+  }
+  let body = null;
+  try {
+    body = await res.json();
+  } catch {
+    // handled below
+  }
+  if (!res.ok) throw httpError(res.status, body, res.headers, options.server);
+  if (!body || !Array.isArray(body.voices)) throw new RtcVoiceError("bad_response", MESSAGES.bad_response);
+  return { voices: body.voices, default: body.default ?? null };
+}
+
+// -- events -------------------------------------------------------------------------------------
+
+class Emitter {
+  #handlers = new Map();
+
+  on(type, handler) {
+    let set = this.#handlers.get(type);
+    if (!set) this.#handlers.set(type, (set = new Set()));
+    set.add(handler);
+    return () => this.off(type, handler);
+  }
+
+  off(type, handler) {
+    this.#handlers.get(type)?.delete(handler);
+  }
+
+  once(type, handler) {
+    const off = this.on(type, (data) => {
+      off();
+      handler(data);
+    });
+    return off;
+  }
+
+  emit(type, data) {
+    const set = this.#handlers.get(type);
+    if (!set) return;
+    for (const handler of [...set]) {
+      try {
+        handler(data);
+      } catch (err) {
+        // A listener's bug must not break the call; report it where developers look.
+        setTimeout(() => {
+          throw err;
+        });
+      }
+    }
+  }
+}
+
+// -- the call -----------------------------------------------------------------------------------
+
+/**
+ * One voice call. Create it with `createCall()` (subscribe first, then `connect()`), or with the
+ * `connect()` function, which does both and resolves once the call is up.
+ */
+export class VoiceCall extends Emitter {
+  constructor(options = {}) {
+    super();
+    this.options = { ...options };
+    this.server = options.server ?? "";
+    this.sessionId = null;
+    this.threadId = options.session?.thread_id ?? null;
+    /** @type {"idle"|"connecting"|"connected"|"reconnecting"|"closed"|"failed"} */
+    this.connectionState = "idle";
+    /** The AI's turn state from the server: listening, thinking or speaking. */
+    this.state = null;
+    this.muted = false;
+    this.localStream = null;
+    this.remoteStream = null;
+    this.peerConnection = null;
+    this.transport = null;
+    this.audioElement = options.audioElement ?? null;
+    this._ownStream = false;
+    this._dc = null;
+    this._closed = false;
+    this._reconnecting = false;
+    this._disconnectTimer = null;
+    this._pending = [];
+    this._sessionPatch = {};
+    this._controllers = new Set();
+    this._pingId = 0;
+    this._onPageHide = () => {
+      this.hangUp();
+    };
+  }
+
+  // ---- public API -----------------------------------------------------------------------------
+
+  /** Ask for the microphone, start a session and connect. Resolves with the call once it is up. */
+  async connect() {
+    if (this.connectionState !== "idle") {
+      throw new RtcVoiceError("already_started", "This call was already started; create a new one.");
+    }
+    this._setConnection("connecting");
+    if (this.options.endOnPageHide !== false) globalThis.addEventListener?.("pagehide", this._onPageHide);
+    try {
+      const transport = this._pickTransport();
+      await this._openMicrophone();
+      this._checkAlive();
+      if (transport === "websocket") {
+        await this._establishWebSocket();
+      } else {
+        await this._establishWebRtc();
+      }
+      this._checkAlive();
+      this._setConnection("connected");
+      this._flushPending();
+      return this;
+    } catch (err) {
+      const error = this._closed ? new RtcVoiceError("aborted", MESSAGES.aborted, { cause: err }) : toRtcVoiceError(err);
+      if (!this._closed) this._fail(error);
+      throw error;
+    }
+  }
+
+  mute() {
+    this.setMuted(true);
+  }
+
+  unmute() {
+    this.setMuted(false);
+  }
+
+  toggleMute() {
+    this.setMuted(!this.muted);
+    return this.muted;
+  }
+
+  setMuted(muted) {
+    this.muted = !!muted;
+    // A disabled track sends silence: the server hears nothing, and the peer stays up.
+    for (const track of this.localStream?.getAudioTracks() ?? []) track.enabled = !this.muted;
+    this.emit("mute", { muted: this.muted });
+  }
+
+  /** Stop the AI mid-sentence. */
+  interrupt() {
+    this.send({ type: "interrupt" });
+  }
+
+  /** Say something by typing it: the AI answers as if it had been spoken. */
+  sendText(text) {
+    if (typeof text !== "string" || !text.trim()) {
+      throw new RtcVoiceError("invalid_text", "A text message needs some text.", { fatal: false });
+    }
+    this.send({ type: "text_message", content: text });
+    this.emit("text_sent", { type: "text_sent", text });
+  }
+
+  /** Change the voice, instructions, language or speed; kept across reconnections. */
+  updateSession(update) {
+    const patch = { ...update };
+    Object.assign(this._sessionPatch, patch);
+    this.send({ type: "session.update", ...patch });
+  }
+
+  /** Round trip over the data channel, in milliseconds. */
+  ping(timeoutMs = 5000) {
+    const id = ++this._pingId;
+    const sent = performance.now();
+    return new Promise((resolve, reject) => {
+      const timer = setTimeout(() => {
+        off();
+        reject(new RtcVoiceError("timeout", "The voice server didn't answer the ping.", { fatal: false }));
+      }, timeoutMs);
+      const off = this.on("pong", (event) => {
+        if (event.id !== id) return;
+        clearTimeout(timer);
+        off();
+        resolve(performance.now() - sent);
+      });
+      this.send({ type: "ping", id, t: Date.now() });
+    });
+  }
+
+  /** Send any client event. Queued while (re)connecting, so nothing typed is lost. */
+  send(event) {
+    if (this._closed) return false;
+    const text = JSON.stringify(event);
+    if (this._dc && this._dc.readyState === "open" && this.connectionState === "connected") {
+      this._dc.send(text);
+      return true;
+    }
+    if (this._pending.length < MAX_QUEUED_SENDS) this._pending.push(text);
+    return false;
+  }
+
+  /** End the call: the session on the server, the peer, and the microphone (if this call opened it). */
+  async hangUp() {
+    if (this._closed) return;
+    this._closed = true;
+    const sessionId = this.sessionId;
+    this._teardown();
+    this._setConnection("closed", { reason: "hangup" });
+    if (sessionId) await this._endSession(sessionId);
+  }
+
+  /** The peer connection's statistics (null before the offer is made or after hanging up). */
+  async getStats() {
+    return this.peerConnection ? this.peerConnection.getStats() : null;
+  }
+
+  /** Start playback after a browser refused to autoplay (call it from a click). */
+  async resumeAudio() {
+    if (this.audioElement) await this.audioElement.play();
+  }
+
+  // ---- connecting -----------------------------------------------------------------------------
+
+  _pickTransport() {
+    const wanted = this.options.transport ?? "auto";
+    const support = checkSupport();
+    if (wanted === "webrtc" && !support.webrtc) {
+      throw new RtcVoiceError("webrtc_unavailable", MESSAGES.webrtc_unavailable);
+    }
+    if (wanted === "websocket" || !support.webrtc) {
+      // Checked before the microphone is asked for: no prompt for a call that cannot happen.
+      if (!WEBSOCKET_TRANSPORT || !support.websocket) {
+        throw new RtcVoiceError("webrtc_unavailable", MESSAGES.webrtc_unavailable);
+      }
+      return "websocket";
+    }
+    return "webrtc";
+  }
+
+  async _establishWebSocket() {
+    // The fallback for browsers without WebRTC is the server's WebSocket transport
+    // (GET /api/v1/voice/session/{id}/ws: PCM16 16 kHz mono in, the same JSON events and TTS
+    // audio out). The server does not offer it yet, so _pickTransport reports that WebRTC is
+    // unavailable before this is reached. When it lands, this method opens the socket, streams
+    // the microphone through an AudioWorklet and plays the binary frames, WEBSOCKET_TRANSPORT
+    // becomes true, and the rest of VoiceCall stays as it is.
+    this.transport = "websocket";
+    throw new RtcVoiceError("webrtc_unavailable", MESSAGES.webrtc_unavailable);
+  }
+
+  async _openMicrophone() {
+    if (this.options.microphone === false) return;
+    const given = this.options.audio;
+    if (given && typeof given === "object" && typeof given.getAudioTracks === "function") {
+      this.localStream = given;
+      this._ownStream = false;
+    } else {
+      const media = globalThis.navigator?.mediaDevices;
+      if (!media?.getUserMedia) {
+        if (globalThis.isSecureContext === false) {
+          throw new RtcVoiceError("insecure_context", MESSAGES.insecure_context);
+        }
+        throw new RtcVoiceError("microphone_unsupported", MESSAGES.microphone_unsupported);
+      }
+      const constraints = { ...DEFAULT_AUDIO, ...(given && typeof given === "object" ? given : {}) };
+      try {
+        this.localStream = await media.getUserMedia({ audio: constraints, video: false });
+      } catch (err) {
+        throw microphoneError(err);
+      }
+      this._ownStream = true;
+      if (this._closed) this._stopMicrophone();
+    }
+    for (const track of this.localStream?.getAudioTracks() ?? []) track.enabled = !this.muted;
+  }
+
+  _startBody() {
+    const body = { ...(this.options.session ?? {}) };
+    if (this.threadId && !body.thread_id) body.thread_id = this.threadId;
+    if (this._sessionPatch.voice) body.voice = this._sessionPatch.voice;
+    if (this._sessionPatch.instructions) body.instructions = this._sessionPatch.instructions;
+    return body;
+  }
+
+  async _establishWebRtc() {
+    this.transport = "webrtc";
+    const started = await this._post(`${API_PREFIX}/session/start`, this._startBody());
+    if (!started || typeof started.session_id !== "string") {
+      throw new RtcVoiceError("bad_response", MESSAGES.bad_response);
+    }
+    this.sessionId = started.session_id;
+    this._checkAlive();
+
+    const config = {
+      iceServers: this.options.iceServers ?? (Array.isArray(started.ice_servers) ? started.ice_servers : []),
+    };
+    if (this.options.iceTransportPolicy) config.iceTransportPolicy = this.options.iceTransportPolicy;
+    const pc = new RTCPeerConnection(config);
+    this.peerConnection = pc;
+
+    const tracks = this.localStream?.getAudioTracks() ?? [];
+    if (tracks.length) {
+      for (const track of tracks) pc.addTrack(track, this.localStream);
+    } else {
+      // Listen-only (no microphone): the server still needs an audio section to answer.
+      pc.addTransceiver("audio", { direction: "recvonly" });
+    }
+    // The server's events arrive on a data channel that the client opens before its offer.
+    const dc = pc.createDataChannel("events", { ordered: true });
+    this._dc = dc;
+    dc.onmessage = (event) => this._onMessage(dc, event.data);
+    pc.ontrack = (event) => this._onRemoteTrack(pc, event);
+
+    const timeoutMs = this.options.connectTimeoutMs ?? DEFAULTS.connectTimeoutMs;
+    let settle;
+    const opened = new Promise((resolve, reject) => {
+      settle = { resolve, reject };
+    });
+    const iceFailed = () => new RtcVoiceError("ice_failed", MESSAGES.ice_failed);
+    dc.onopen = () => settle.resolve();
+    dc.onclose = () => settle.reject(iceFailed());
+    pc.onconnectionstatechange = () => {
+      if (pc.connectionState === "failed") settle.reject(iceFailed());
+    };
+    const timer = setTimeout(() => settle.reject(iceFailed()), timeoutMs);
+    opened.catch(() => {}); // observed below; avoid an unhandled rejection while signaling runs
+
+    try {
+      await pc.setLocalDescription(await pc.createOffer());
+      await waitForIceGathering(pc, this.options.iceGatheringTimeoutMs ?? DEFAULTS.iceGatheringTimeoutMs);
+      this._checkAlive();
+      const answer = await this._post(started.offer_url ?? `${API_PREFIX}/session/${this.sessionId}/offer`, {
+        sdp: pc.localDescription.sdp,
+        type: pc.localDescription.type,
+      });
+      this._checkAlive();
+      if (!answer || typeof answer.sdp !== "string") throw new RtcVoiceError("bad_response", MESSAGES.bad_response);
+      await pc.setRemoteDescription({ type: "answer", sdp: answer.sdp });
+      await opened;
+      this._checkAlive();
+    } finally {
+      clearTimeout(timer);
+    }
+
+    // Up: from here on a failure is handled by reconnecting.
+    dc.onclose = () => this._onChannelClosed(pc);
+    pc.onconnectionstatechange = () => this._onConnectionState(pc);
+  }
+
+  async _post(path, body) {
+    const url = joinUrl(this.server, path);
+    const controller = new AbortController();
+    this._controllers.add(controller);
+    let timedOut = false;
+    const timer = setTimeout(() => {
+      timedOut = true;
+      controller.abort();
+    }, this.options.requestTimeoutMs ?? DEFAULTS.requestTimeoutMs);
+    const headers = { "Content-Type": "application/json" };
+    if (this.options.token) headers.Authorization = `Bearer ${this.options.token}`;
+    try {
+      let res;
+      try {
+        res = await fetch(url, { method: "POST", headers, body: JSON.stringify(body), signal: controller.signal });
+      } catch (err) {
+        if (this._closed) throw new RtcVoiceError("aborted", MESSAGES.aborted, { cause: err });
+        const host = serverHost(this.server);
+        throw new RtcVoiceError(
+          "server_unreachable",
+          timedOut
+            ? `The voice server at ${host} didn't answer in time. Please try again in a moment.`
+            : `Can't reach the voice server at ${host}. Check that it is running and that you are online, then try again.`,
+          { cause: err },
+        );
+      }
+      let data = null;
+      try {
+        data = await res.json();
+      } catch {
+        // not JSON: reported below
+      }
+      if (!res.ok) throw httpError(res.status, data, res.headers, this.server);
+      if (!data || typeof data !== "object") throw new RtcVoiceError("bad_response", MESSAGES.bad_response);
+      return data;
+    } finally {
+      clearTimeout(timer);
+      this._controllers.delete(controller);
+    }
+  }
+
+  async _endSession(sessionId) {
+    const headers = { "Content-Type": "application/json" };
+    if (this.options.token) headers.Authorization = `Bearer ${this.options.token}`;
+    try {
+      // keepalive: the request outlives a page that is closing.
+      await fetch(joinUrl(this.server, `${API_PREFIX}/session/end`), {
+        method: "POST",
+        headers,
+        body: JSON.stringify({ session_id: sessionId }),
+        keepalive: true,
+      });
+    } catch {
+      // The server closes sessions whose peer went away on its own.
+    }
+  }
+
+  _checkAlive() {
+    if (this._closed) throw new RtcVoiceError("aborted", MESSAGES.aborted);
+  }
+
+  // ---- media and events -----------------------------------------------------------------------
+
+  _onRemoteTrack(pc, event) {
+    if (pc !== this.peerConnection || event.track.kind !== "audio") return;
+    const stream = event.streams[0] ?? new MediaStream([event.track]);
+    this.remoteStream = stream;
+    if (!this.audioElement && typeof document !== "undefined") {
+      this.audioElement = document.createElement("audio");
+      this.audioElement.autoplay = true;
+      this.audioElement.setAttribute("playsinline", "");
+    }
+    if (this.audioElement) {
+      this.audioElement.srcObject = stream;
+      const playing = this.audioElement.play();
+      if (playing && typeof playing.catch === "function") {
+        playing.catch((err) => {
+          if (this._closed || (err && err.name === "AbortError")) return;
+          this.emit(
+            "error",
+            new RtcVoiceError(
+              "autoplay_blocked",
+              "The browser is holding back the AI's voice until you click on the page.",
+              { fatal: false, cause: err },
+            ),
+          );
+        });
+      }
+    }
+    this.emit("track", { stream, track: event.track });
+  }
+
+  _onMessage(dc, raw) {
+    if (dc !== this._dc) return;
+    let event;
+    try {
+      event = JSON.parse(raw);
+    } catch {
+      return;
+    }
+    if (!event || typeof event !== "object" || typeof event.type !== "string") return;
+    switch (event.type) {
+      case "session.started":
+        if (event.thread_id) this.threadId = event.thread_id;
+        break;
+      case "state":
+        this.state = event.state;
+        break;
+      case "error":
+        this.emit(
+          "error",
+          new RtcVoiceError(event.code || "server_error", event.message || "The voice server reported an error.", {
+            fatal: false,
+            source: "server",
+            serverCode: event.code,
+            turnId: event.turn_id,
+          }),
+        );
+        this.emit("event", event);
+        return;
+      default:
+        break;
+    }
+    this.emit(event.type, event);
+    this.emit("event", event);
+  }
+
+  _flushPending() {
+    const dc = this._dc;
+    while (this._pending.length && dc && dc.readyState === "open") dc.send(this._pending.shift());
+  }
+
+  // ---- failure and reconnection ---------------------------------------------------------------
+
+  _onConnectionState(pc) {
+    if (pc !== this.peerConnection || this._closed || this._reconnecting) return;
+    const state = pc.connectionState;
+    if (state === "connected") {
+      clearTimeout(this._disconnectTimer);
+      this._disconnectTimer = null;
+    } else if (state === "failed") {
+      this._transportLost("ice_failed");
+    } else if (state === "disconnected" && !this._disconnectTimer) {
+      // "disconnected" often heals by itself (a Wi-Fi hiccup); "failed" can take 30 s to come.
+      const wait = this._reconnectOptions().disconnectedTimeoutMs;
+      this._disconnectTimer = setTimeout(() => {
+        this._disconnectTimer = null;
+        if (pc === this.peerConnection && pc.connectionState !== "connected") this._transportLost("ice_disconnected");
+      }, wait);
+    }
+  }
+
+  _onChannelClosed(pc) {
+    if (pc !== this.peerConnection || this._closed || this._reconnecting) return;
+    if (pc.connectionState === "failed" || pc.connectionState === "disconnected") {
+      this._transportLost("ice_failed");
+      return;
+    }
+    // The server closed the channel on a healthy network: it ended the call.
+    this._closed = true;
+    this._teardown();
+    this._setConnection("closed", { reason: "remote" });
+  }
+
+  _reconnectOptions() {
+    const given = this.options.reconnect;
+    if (given === false) return { ...DEFAULTS.reconnect, attempts: 0 };
+    return { ...DEFAULTS.reconnect, ...(given && typeof given === "object" ? given : {}) };
+  }
+
+  async _transportLost(reason) {
+    const { attempts, backoffMs } = this._reconnectOptions();
+    const oldSession = this.sessionId;
+    this._reconnecting = true;
+    this._closePeer();
+    if (oldSession) this._endSession(oldSession);
+    if (attempts <= 0) {
+      this._reconnecting = false;
+      this._fail(new RtcVoiceError("ice_failed", MESSAGES.ice_failed));
+      return;
+    }
+    let lastError = null;
+    for (let attempt = 1; attempt <= attempts && !this._closed; attempt++) {
+      this._setConnection("reconnecting", { reason, attempt, attempts });
+      try {
+        // aiortc cannot restart ICE on a live peer, so a fresh session on the same microphone.
+        await this._establishWebRtc();
+        if (this._closed) return;
+        this._reconnecting = false;
+        this.state = null;
+        this._setConnection("connected", { reconnected: true, attempt });
+        this._flushPending();
+        return;
+      } catch (err) {
+        lastError = err;
+        const failedSession = this.sessionId;
+        this._closePeer();
+        if (this._closed) return;
+        if (failedSession && failedSession !== oldSession) this._endSession(failedSession);
+        if (err instanceof RtcVoiceError && (err.code === "unauthorized" || err.code === "session_refused")) break;
+        if (attempt < attempts) await sleep(backoffMs * attempt);
+      }
+    }
+    this._reconnecting = false;
+    if (this._closed) return;
+    this._fail(
+      new RtcVoiceError("connection_lost", MESSAGES.connection_lost, { cause: lastError ?? undefined }),
+    );
+  }
+
+  _fail(error) {
+    const sessionId = this.sessionId;
+    this._closed = true;
+    this.emit("error", error);
+    this._teardown();
+    this._setConnection("failed", { error });
+    if (sessionId) this._endSession(sessionId);
+  }
+
+  _closePeer() {
+    clearTimeout(this._disconnectTimer);
+    this._disconnectTimer = null;
+    const pc = this.peerConnection;
+    const dc = this._dc;
+    this.peerConnection = null;
+    this._dc = null;
+    if (dc) {
+      dc.onopen = dc.onclose = dc.onmessage = null;
+      try {
+        dc.close();
+      } catch {
+        // already closed
+      }
+    }
+    if (pc) {
+      pc.onconnectionstatechange = pc.ontrack = null;
+      try {
+        pc.close();
+      } catch {
+        // already closed
+      }
+    }
+  }
+
+  _stopMicrophone() {
+    if (this._ownStream && this.localStream) {
+      for (const track of this.localStream.getTracks()) track.stop();
+    }
+  }
+
+  _teardown() {
+    for (const controller of this._controllers) controller.abort();
+    this._controllers.clear();
+    this._closePeer();
+    this._stopMicrophone();
+    this._pending = [];
+    if (this.audioElement) this.audioElement.srcObject = null;
+    globalThis.removeEventListener?.("pagehide", this._onPageHide);
+  }
+
+  _setConnection(state, extra = {}) {
+    this.connectionState = state;
+    this.emit("connection", { state, sessionId: this.sessionId, ...extra });
+  }
+}
+
+/** A call that is not started yet: subscribe to its events, then `await call.connect()`. */
+export function createCall(options = {}) {
+  return new VoiceCall(options);
+}
+
+/** Start a call and resolve once it is connected (or reject with an RtcVoiceError). */
+export async function connect(options = {}) {
+  const call = new VoiceCall(options);
+  if (options.on) {
+    for (const [type, handler] of Object.entries(options.on)) {
+      if (typeof handler === "function") call.on(type, handler);
+    }
+  }
+  return call.connect();
+}
+
+// -- transcript ---------------------------------------------------------------------------------
+
+/**
+ * Folds a call's events into a transcript a UI can render: the user's words (partial while they
+ * speak, replaced by the final transcript) and the AI's replies as they stream.
+ */
+export class Transcript {
+  constructor() {
+    this.entries = [];
+    this._nextId = 1;
+    this._listeners = new Set();
+  }
+
+  /** Follow a call; returns a function that stops following it. */
+  attach(call) {
+    const offs = [call.on("event", (e) => this.apply(e)), call.on("text_sent", (e) => this.apply(e))];
+    return () => offs.forEach((off) => off());
+  }
+
+  /** Called with the entries after every change. */
+  subscribe(listener) {
+    this._listeners.add(listener);
+    return () => this._listeners.delete(listener);
+  }
+
+  clear() {
+    this.entries = [];
+    this._changed();
+  }
+
+  /** Apply one server event (or a local `text_sent`); returns whether the transcript changed. */
+  apply(event) {
+    const changed = this._apply(event);
+    if (changed) this._changed();
+    return changed;
+  }
+
+  _apply(event) {
+    switch (event?.type) {
+      case "speech_started": {
+        if (!this._pendingUser()) this._push({ role: "user", text: "", final: false, source: "voice" });
+        return true;
+      }
+      case "partial_transcript": {
+        const entry = this._pendingUser() ?? this._push({ role: "user", text: "", final: false, source: "voice" });
+        entry.text = event.text ?? "";
+        return true;
+      }
+      case "speech_stopped": {
+        const entry = this._pendingUser();
+        if (entry && event.turn_id) entry.turnId = event.turn_id;
+        return !!entry;
+      }
+      case "final_transcript": {
+        const entry =
+          this.entries.find((e) => e.role === "user" && e.turnId === event.turn_id && event.turn_id) ??
+          this._pendingUser();
+        const text = (event.text ?? "").trim();
+        if (!text || event.empty) {
+          if (entry && !entry.final) this.entries.splice(this.entries.indexOf(entry), 1);
+          return !!entry;
+        }
+        const target = entry ?? this._push({ role: "user", text: "", final: false, source: "voice" });
+        Object.assign(target, { text, final: true, turnId: event.turn_id ?? target.turnId });
+        return true;
+      }
+      case "text_sent":
+        this._push({ role: "user", text: event.text, final: true, source: "text" });
+        return true;
+      case "ai_text": {
+        const entry = this._assistant(event.turn_id) ?? this._push(this._newAssistant(event.turn_id));
+        entry.text += event.text ?? "";
+        return true;
+      }
+      case "end_of_response": {
+        let entry = this._assistant(event.turn_id);
+        if (!entry) {
+          if (!event.text) return false;
+          entry = this._push({ ...this._newAssistant(event.turn_id), text: event.text });
+        }
+        entry.final = true;
+        entry.interrupted = !!event.interrupted;
+        return true;
+      }
+      default:
+        return false;
+    }
+  }
+
+  _newAssistant(turnId) {
+    return { role: "assistant", text: "", final: false, turnId, interrupted: false, source: "voice" };
+  }
+
+  _pendingUser() {
+    for (let i = this.entries.length - 1; i >= 0; i--) {
+      const e = this.entries[i];
+      if (e.role === "user" && !e.final && e.source === "voice") return e;
+    }
+    return null;
+  }
+
+  _assistant(turnId) {
+    if (!turnId) return null;
+    for (let i = this.entries.length - 1; i >= 0; i--) {
+      const e = this.entries[i];
+      if (e.role === "assistant" && e.turnId === turnId) return e;
+    }
+    return null;
+  }
+
+  _push(entry) {
+    const full = { id: this._nextId++, turnId: undefined, ...entry };
+    this.entries.push(full);
+    return full;
+  }
+
+  _changed() {
+    for (const listener of [...this._listeners]) listener(this.entries);
+  }
+}
+
+// -- levels -------------------------------------------------------------------------------------
+
+/** The loudness of a stream, 0 (silence, -60 dBFS or less) to 1 (full scale), for a level meter. */
+export class LevelMeter {
+  constructor(stream, options = {}) {
+    const Ctx = globalThis.AudioContext ?? globalThis.webkitAudioContext;
+    this.context = options.context ?? new Ctx();
+    this._ownContext = !options.context;
+    this._source = this.context.createMediaStreamSource(stream);
+    this._analyser = this.context.createAnalyser();
+    this._analyser.fftSize = 1024;
+    this._source.connect(this._analyser);
+    this._buffer = new Float32Array(this._analyser.fftSize);
+    this._floorDb = options.floorDb ?? -60;
+  }
+
+  level() {
+    this._analyser.getFloatTimeDomainData(this._buffer);
+    let sum = 0;
+    for (const x of this._buffer) sum += x * x;
+    const rms = Math.sqrt(sum / this._buffer.length);
+    if (rms <= 0) return 0;
+    const db = 20 * Math.log10(rms);
+    return Math.min(1, Math.max(0, (db - this._floorDb) / -this._floorDb));
+  }
+
+  close() {
+    try {
+      this._source.disconnect();
+    } catch {
+      // already disconnected
+    }
+    if (this._ownContext) this.context.close();
+  }
+}
