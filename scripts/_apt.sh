@@ -1,6 +1,6 @@
 # Sourced by scripts/test: Debian packages the browser tests need, installed only when missing.
 # `apt-get update` runs at most once per run, and only if something has to be installed.
-# (scripts/_apt_turn.sh does the same for coturn; the two are kept apart on purpose.)
+# One function per need; each installs only what is missing.
 
 _RTCVOICE_APT_UPDATED=""
 
@@ -45,5 +45,13 @@ ensure_npm() {
 ensure_postgresql() {
   if ! compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null; then
     apt_install postgresql
+  fi
+}
+
+# coturn for tests/test_turn.py, which starts its own turnserver on free ports (turn/start):
+# a packaged coturn service, if any, is never used.
+ensure_coturn() {
+  if ! command -v turnserver >/dev/null 2>&1; then
+    apt_install coturn
   fi
 }

@@ -15,6 +15,11 @@
 // expects) and sends it once ICE gathering is done, plays the AI's voice, turns every failure
 // into an RtcVoiceError whose message a person can act on, and starts a fresh session on the
 // same microphone when ICE fails mid-call (the server cannot restart ICE on a live peer).
+//
+// Where WebRTC is missing (or with `transport: "websocket"`) the same call runs over the
+// server's WebSocket transport: the microphone is resampled to 16 kHz PCM16 in an AudioWorklet
+// and sent as binary frames, the AI's 24 kHz PCM16 frames are scheduled on an AudioContext, and
+// the events, meters, mute and interrupt behave as they do over WebRTC.
 
 export const VERSION = "0.1.0";
 export const API_PREFIX = "/api/v1/voice";
@@ -34,8 +39,14 @@ const DEFAULTS = {
 };
 
 const MAX_QUEUED_SENDS = 50;
-// The server's WebSocket transport does not exist yet; when it does, this turns the fallback on.
-const WEBSOCKET_TRANSPORT = false;
+
+// The WebSocket transport's audio: PCM16 little-endian mono, 16 kHz up and 24 kHz down.
+const WS_INPUT_RATE = 16000;
+const WS_OUTPUT_RATE = 24000;
+const WS_FRAME_SAMPLES = 320; // 20 ms frames to the server
+const WS_PLAYBACK_LEAD_S = 0.06; // how far ahead playback (re)starts: absorbs network jitter
+const WS_MAX_BUFFERED_BYTES = 64 * 1024; // ~2 s of microphone audio stuck in the socket: drop, don't pile up
+const WS_NORMAL_CLOSURE = 1000;
 
 // -- errors -------------------------------------------------------------------------------------
 
@@ -72,6 +83,8 @@ const MESSAGES = {
   ice_failed:
     "The call couldn't connect: the network between you and the voice server blocks the audio. Try another network, or ask the site's administrator to set up a TURN server.",
   connection_lost: "The call dropped and couldn't be reconnected. Check your connection and start the call again.",
+  websocket_failed:
+    "The call couldn't connect: the voice server refused the audio connection, or a proxy or firewall between you and it blocks WebSockets.",
   aborted: "The call was hung up before it connected.",
   bad_response: "The voice server sent an answer this page doesn't understand. Is the address right?",
 };
@@ -158,6 +171,16 @@ function joinUrl(server, path) {
   return base + (path.startsWith("/") ? path : `/${path}`);
 }
 
+/** The WebSocket URL for a path on the server (ws:// or wss:// like the page or server), with the token. */
+function webSocketUrl(server, path, token) {
+  const url = new URL(joinUrl(server, path), globalThis.location?.href);
+  if (url.protocol === "https:") url.protocol = "wss:";
+  else if (url.protocol === "http:") url.protocol = "ws:";
+  // Browsers cannot set headers on a WebSocket: the server takes the token from the query.
+  if (token) url.searchParams.set("token", token);
+  return url.href;
+}
+
 function sleep(ms) {
   return new Promise((resolve) => setTimeout(resolve, ms));
 }
@@ -208,6 +231,113 @@ export async function fetchVoices(options = {}) {
   if (!res.ok) throw httpError(res.status, body, res.headers, options.server);
   if (!body || !Array.isArray(body.voices)) throw new RtcVoiceError("bad_response", MESSAGES.bad_response);
   return { voices: body.voices, default: body.default ?? null };
+}
+
+// -- WebSocket audio ------------------------------------------------------------------------------
+
+/**
+ * Float audio at any rate in, PCM16 frames at `outputRate` out: a windowed-sinc low-pass (cut
+ * at 90% of the output's Nyquist frequency, so nothing above it folds back into speech) evaluated
+ * at each output instant from a polyphase table. Self-contained: its source also runs inside the
+ * capture AudioWorklet.
+ */
+class PcmDownsampler {
+  constructor(inputRate, outputRate, frameSamples, onFrame) {
+    this.step = inputRate / outputRate; // input samples per output sample
+    this.onFrame = onFrame;
+    const cutoff = Math.min(0.5, (0.45 * outputRate) / inputRate); // cycles per input sample
+    const half = Math.ceil(6 / (2 * cutoff)); // six zero crossings of the sinc each side
+    const phases = 128;
+    this.half = half;
+    this.phases = phases;
+    this.taps = 2 * half;
+    this.table = new Float32Array((phases + 1) * this.taps);
+    for (let p = 0; p <= phases; p++) {
+      const frac = p / phases;
+      let sum = 0;
+      for (let k = 0; k < this.taps; k++) {
+        const t = k - half + 1 - frac; // distance from the output instant, in input samples
+        const x = 2 * cutoff * t;
+        const sinc = x === 0 ? 1 : Math.sin(Math.PI * x) / (Math.PI * x);
+        const w = Math.abs(t) >= half ? 0 : 0.42 + 0.5 * Math.cos((Math.PI * t) / half) + 0.08 * Math.cos((2 * Math.PI * t) / half);
+        const h = sinc * w;
+        this.table[p * this.taps + k] = h;
+        sum += h;
+      }
+      for (let k = 0; k < this.taps; k++) this.table[p * this.taps + k] /= sum; // unity gain at DC
+    }
+    this.buffer = new Float32Array(4 * this.taps + 8192);
+    this.length = half; // starts with `half` samples of silence as history
+    this.position = half - 1; // input index (fractional) of the next output sample
+    this.frame = new Int16Array(frameSamples);
+    this.filled = 0;
+  }
+
+  /** Take one block of float samples (-1..1). */
+  push(input) {
+    if (this.length + input.length > this.buffer.length) {
+      const bigger = new Float32Array(2 * (this.length + input.length));
+      bigger.set(this.buffer.subarray(0, this.length));
+      this.buffer = bigger;
+    }
+    this.buffer.set(input, this.length);
+    this.length += input.length;
+    const { buffer, table, taps, half, phases } = this;
+    for (;;) {
+      let base = Math.floor(this.position);
+      let phase = Math.round((this.position - base) * phases);
+      if (base + half >= this.length) break; // needs samples that have not come yet
+      const row = phase * taps;
+      const first = base - half + 1;
+      let y = 0;
+      for (let k = 0; k < taps; k++) y += buffer[first + k] * table[row + k];
+      y = y > 1 ? 1 : y < -1 ? -1 : y;
+      this.frame[this.filled++] = Math.round(y < 0 ? y * 32768 : y * 32767);
+      if (this.filled === this.frame.length) {
+        this.onFrame(this.frame);
+        this.frame = new Int16Array(this.frame.length);
+        this.filled = 0;
+      }
+      this.position += this.step;
+    }
+    // Keep only the history the next output sample needs.
+    const keepFrom = Math.max(0, Math.floor(this.position) - half + 1);
+    if (keepFrom > 0) {
+      buffer.copyWithin(0, keepFrom, this.length);
+      this.length -= keepFrom;
+      this.position -= keepFrom;
+    }
+  }
+}
+
+const CAPTURE_PROCESSOR = "rtcvoice-capture";
+
+/** The capture AudioWorklet: microphone blocks in, 16 kHz PCM16 frames posted to the page. */
+function captureWorkletSource() {
+  return `${PcmDownsampler.toString()}
+registerProcessor(${JSON.stringify(CAPTURE_PROCESSOR)}, class extends AudioWorkletProcessor {
+  constructor(options) {
+    super();
+    const { outputRate, frameSamples } = options.processorOptions;
+    this.mono = new Float32Array(128);
+    this.resampler = new PcmDownsampler(sampleRate, outputRate, frameSamples, (frame) =>
+      this.port.postMessage(frame, [frame.buffer]));
+  }
+  process(inputs) {
+    const channels = inputs[0];
+    if (!channels || channels.length === 0) return true;
+    let block = channels[0];
+    if (channels.length > 1) {
+      if (this.mono.length !== block.length) this.mono = new Float32Array(block.length);
+      this.mono.fill(0);
+      for (const channel of channels) for (let i = 0; i < block.length; i++) this.mono[i] += channel[i] / channels.length;
+      block = this.mono;
+    }
+    this.resampler.push(block);
+    return true;
+  }
+});
+`;
 }
 
 // -- events -------------------------------------------------------------------------------------
@@ -271,10 +401,15 @@ export class VoiceCall extends Emitter {
     this.localStream = null;
     this.remoteStream = null;
     this.peerConnection = null;
+    /** "webrtc" or "websocket" once connecting has begun. */
     this.transport = null;
     this.audioElement = options.audioElement ?? null;
     this._ownStream = false;
-    this._dc = null;
+    // Where events go and come from: the WebRTC data channel, or the WebSocket.
+    this._channel = null;
+    this._socket = null;
+    // The WebSocket transport's audio (kept across reconnections, like the microphone).
+    this._audio = null;
     this._closed = false;
     this._reconnecting = false;
     this._disconnectTimer = null;
@@ -298,13 +433,12 @@ export class VoiceCall extends Emitter {
     if (this.options.endOnPageHide !== false) globalThis.addEventListener?.("pagehide", this._onPageHide);
     try {
       const transport = this._pickTransport();
+      this.transport = transport;
+      // Made now, while the click that started the call still lets audio play.
+      if (transport === "websocket") this._audio = new WebSocketAudio(this);
       await this._openMicrophone();
       this._checkAlive();
-      if (transport === "websocket") {
-        await this._establishWebSocket();
-      } else {
-        await this._establishWebRtc();
-      }
+      await this._establish();
       this._checkAlive();
       this._setConnection("connected");
       this._flushPending();
@@ -331,13 +465,16 @@ export class VoiceCall extends Emitter {
 
   setMuted(muted) {
     this.muted = !!muted;
-    // A disabled track sends silence: the server hears nothing, and the peer stays up.
+    // A disabled track sends silence: the server hears nothing, and the peer stays up. Over the
+    // WebSocket the frames are also zeroed before they are sent.
     for (const track of this.localStream?.getAudioTracks() ?? []) track.enabled = !this.muted;
     this.emit("mute", { muted: this.muted });
   }
 
   /** Stop the AI mid-sentence. */
   interrupt() {
+    // Over the WebSocket the AI's voice is already here, up to ~200 ms ahead: drop it now.
+    this._audio?.flush();
     this.send({ type: "interrupt" });
   }
 
@@ -357,7 +494,7 @@ export class VoiceCall extends Emitter {
     this.send({ type: "session.update", ...patch });
   }
 
-  /** Round trip over the data channel, in milliseconds. */
+  /** Round trip over the event channel (data channel or WebSocket), in milliseconds. */
   ping(timeoutMs = 5000) {
     const id = ++this._pingId;
     const sent = performance.now();
@@ -380,8 +517,8 @@ export class VoiceCall extends Emitter {
   send(event) {
     if (this._closed) return false;
     const text = JSON.stringify(event);
-    if (this._dc && this._dc.readyState === "open" && this.connectionState === "connected") {
-      this._dc.send(text);
+    if (this._channelOpen() && this.connectionState === "connected") {
+      this._channel.send(text);
       return true;
     }
     if (this._pending.length < MAX_QUEUED_SENDS) this._pending.push(text);
@@ -398,14 +535,20 @@ export class VoiceCall extends Emitter {
     if (sessionId) await this._endSession(sessionId);
   }
 
-  /** The peer connection's statistics (null before the offer is made or after hanging up). */
+  /** The peer connection's statistics (null before the offer is made, after hanging up, and over the WebSocket). */
   async getStats() {
     return this.peerConnection ? this.peerConnection.getStats() : null;
   }
 
+  /** The WebSocket transport's audio counters (null on WebRTC calls). */
+  get websocketStats() {
+    return this._audio ? this._audio.stats() : null;
+  }
+
   /** Start playback after a browser refused to autoplay (call it from a click). */
   async resumeAudio() {
-    if (this.audioElement) await this.audioElement.play();
+    if (this._audio) await this._audio.resume();
+    if (this.audioElement?.srcObject) await this.audioElement.play();
   }
 
   // ---- connecting -----------------------------------------------------------------------------
@@ -418,7 +561,8 @@ export class VoiceCall extends Emitter {
     }
     if (wanted === "websocket" || !support.webrtc) {
       // Checked before the microphone is asked for: no prompt for a call that cannot happen.
-      if (!WEBSOCKET_TRANSPORT || !support.websocket) {
+      const audioContext = typeof (globalThis.AudioContext ?? globalThis.webkitAudioContext) === "function";
+      if (!support.websocket || !audioContext) {
         throw new RtcVoiceError("webrtc_unavailable", MESSAGES.webrtc_unavailable);
       }
       return "websocket";
@@ -426,15 +570,64 @@ export class VoiceCall extends Emitter {
     return "webrtc";
   }
 
+  _establish() {
+    return this.transport === "websocket" ? this._establishWebSocket() : this._establishWebRtc();
+  }
+
+  _channelOpen() {
+    const channel = this._channel;
+    if (!channel) return false;
+    return channel === this._socket ? channel.readyState === 1 : channel.readyState === "open";
+  }
+
   async _establishWebSocket() {
-    // The fallback for browsers without WebRTC is the server's WebSocket transport
-    // (GET /api/v1/voice/session/{id}/ws: PCM16 16 kHz mono in, the same JSON events and TTS
-    // audio out). The server does not offer it yet, so _pickTransport reports that WebRTC is
-    // unavailable before this is reached. When it lands, this method opens the socket, streams
-    // the microphone through an AudioWorklet and plays the binary frames, WEBSOCKET_TRANSPORT
-    // becomes true, and the rest of VoiceCall stays as it is.
-    this.transport = "websocket";
-    throw new RtcVoiceError("webrtc_unavailable", MESSAGES.webrtc_unavailable);
+    // GET /api/v1/voice/session/{id}/ws: PCM16 16 kHz mono in, the same JSON events out, and the
+    // AI's voice as PCM16 24 kHz binary frames.
+    const audio = this._audio;
+    const started = await this._post(`${API_PREFIX}/session/start`, this._startBody());
+    if (!started || typeof started.session_id !== "string") {
+      throw new RtcVoiceError("bad_response", MESSAGES.bad_response);
+    }
+    this.sessionId = started.session_id;
+    this._checkAlive();
+    // The capture worklet loads while the socket opens.
+    const capturing = this.localStream ? audio.startCapture(this.localStream) : Promise.resolve();
+    capturing.catch(() => {}); // observed below
+    const path = typeof started.ws_url === "string" ? started.ws_url : `${API_PREFIX}/session/${this.sessionId}/ws`;
+
+    let ws;
+    try {
+      ws = new WebSocket(webSocketUrl(this.server, path, this.options.token));
+    } catch (err) {
+      throw new RtcVoiceError("websocket_failed", MESSAGES.websocket_failed, { cause: err });
+    }
+    ws.binaryType = "arraybuffer";
+    this._socket = ws;
+    this._channel = ws;
+    ws.onmessage = (event) => {
+      if (typeof event.data === "string") this._onMessage(ws, event.data);
+      else if (ws === this._socket) this._audio?.play(event.data);
+    };
+
+    const timeoutMs = this.options.connectTimeoutMs ?? DEFAULTS.connectTimeoutMs;
+    let timer;
+    try {
+      await new Promise((resolve, reject) => {
+        const failed = () => new RtcVoiceError("websocket_failed", MESSAGES.websocket_failed);
+        ws.onopen = () => resolve();
+        // A refused upgrade (or a blocked one) shows as a close before open; "error" says no more.
+        ws.onclose = () => reject(failed());
+        timer = setTimeout(() => reject(failed()), timeoutMs);
+      });
+      this._checkAlive();
+      await capturing;
+      this._checkAlive();
+    } finally {
+      clearTimeout(timer);
+    }
+    // Up: from here on a failure is handled by reconnecting.
+    ws.onclose = (event) => this._onSocketClosed(ws, event);
+    audio.announce();
   }
 
   async _openMicrophone() {
@@ -496,7 +689,7 @@ export class VoiceCall extends Emitter {
     }
     // The server's events arrive on a data channel that the client opens before its offer.
     const dc = pc.createDataChannel("events", { ordered: true });
-    this._dc = dc;
+    this._channel = dc;
     dc.onmessage = (event) => this._onMessage(dc, event.data);
     pc.ontrack = (event) => this._onRemoteTrack(pc, event);
 
@@ -628,8 +821,8 @@ export class VoiceCall extends Emitter {
     this.emit("track", { stream, track: event.track });
   }
 
-  _onMessage(dc, raw) {
-    if (dc !== this._dc) return;
+  _onMessage(channel, raw) {
+    if (channel !== this._channel) return;
     let event;
     try {
       event = JSON.parse(raw);
@@ -643,6 +836,13 @@ export class VoiceCall extends Emitter {
         break;
       case "state":
         this.state = event.state;
+        break;
+      case "speech_started":
+        // Barge-in: the server stops sending; what is buffered here must stop too.
+        if (this._audio?.playing) this._audio.flush();
+        break;
+      case "end_of_response":
+        if (event.interrupted) this._audio?.flush();
         break;
       case "error":
         this.emit(
@@ -664,8 +864,7 @@ export class VoiceCall extends Emitter {
   }
 
   _flushPending() {
-    const dc = this._dc;
-    while (this._pending.length && dc && dc.readyState === "open") dc.send(this._pending.shift());
+    while (this._pending.length && this._channelOpen()) this._channel.send(this._pending.shift());
   }
 
   // ---- failure and reconnection ---------------------------------------------------------------
@@ -700,6 +899,18 @@ export class VoiceCall extends Emitter {
     this._setConnection("closed", { reason: "remote" });
   }
 
+  _onSocketClosed(ws, event) {
+    if (ws !== this._socket || this._closed || this._reconnecting) return;
+    if (event.code === WS_NORMAL_CLOSURE) {
+      // The server closed the socket on purpose: it ended the call.
+      this._closed = true;
+      this._teardown();
+      this._setConnection("closed", { reason: "remote" });
+      return;
+    }
+    this._transportLost("socket_closed");
+  }
+
   _reconnectOptions() {
     const given = this.options.reconnect;
     if (given === false) return { ...DEFAULTS.reconnect, attempts: 0 };
@@ -710,19 +921,22 @@ export class VoiceCall extends Emitter {
     const { attempts, backoffMs } = this._reconnectOptions();
     const oldSession = this.sessionId;
     this._reconnecting = true;
-    this._closePeer();
+    this._closeTransport();
+    this._audio?.flush();
     if (oldSession) this._endSession(oldSession);
     if (attempts <= 0) {
       this._reconnecting = false;
-      this._fail(new RtcVoiceError("ice_failed", MESSAGES.ice_failed));
+      const code = this.transport === "websocket" ? "connection_lost" : "ice_failed";
+      this._fail(new RtcVoiceError(code, MESSAGES[code]));
       return;
     }
     let lastError = null;
     for (let attempt = 1; attempt <= attempts && !this._closed; attempt++) {
       this._setConnection("reconnecting", { reason, attempt, attempts });
       try {
-        // aiortc cannot restart ICE on a live peer, so a fresh session on the same microphone.
-        await this._establishWebRtc();
+        // aiortc cannot restart ICE on a live peer, so a fresh session on the same microphone
+        // (and over a WebSocket, the server's conversation went with the socket).
+        await this._establish();
         if (this._closed) return;
         this._reconnecting = false;
         this.state = null;
@@ -732,7 +946,7 @@ export class VoiceCall extends Emitter {
       } catch (err) {
         lastError = err;
         const failedSession = this.sessionId;
-        this._closePeer();
+        this._closeTransport();
         if (this._closed) return;
         if (failedSession && failedSession !== oldSession) this._endSession(failedSession);
         if (err instanceof RtcVoiceError && (err.code === "unauthorized" || err.code === "session_refused")) break;
@@ -755,13 +969,23 @@ export class VoiceCall extends Emitter {
     if (sessionId) this._endSession(sessionId);
   }
 
-  _closePeer() {
+  _closeTransport() {
     clearTimeout(this._disconnectTimer);
     this._disconnectTimer = null;
     const pc = this.peerConnection;
-    const dc = this._dc;
+    const ws = this._socket;
+    const dc = ws ? null : this._channel;
     this.peerConnection = null;
-    this._dc = null;
+    this._channel = null;
+    this._socket = null;
+    if (ws) {
+      ws.onopen = ws.onclose = ws.onmessage = null;
+      try {
+        ws.close(WS_NORMAL_CLOSURE, "hangup");
+      } catch {
+        // already closed
+      }
+    }
     if (dc) {
       dc.onopen = dc.onclose = dc.onmessage = null;
       try {
@@ -789,7 +1013,8 @@ export class VoiceCall extends Emitter {
   _teardown() {
     for (const controller of this._controllers) controller.abort();
     this._controllers.clear();
-    this._closePeer();
+    this._closeTransport();
+    this._audio?.close();
     this._stopMicrophone();
     this._pending = [];
     if (this.audioElement) this.audioElement.srcObject = null;

@@ -80,8 +80,12 @@ class AudioSink(Protocol):
 class Recorder(Protocol):
     """Keeps the call's messages in the thread it belongs to (the server's store)."""
 
-    def record(self, message: ChatMessage, meta: dict[str, Any]) -> None:
-        """Queue one message for writing; order is kept, and closing finishes the writes."""
+    def record(self, message: ChatMessage, meta: dict[str, Any]) -> asyncio.Future[None]:
+        """Queue one message for writing (order is kept); resolves once it is durably stored.
+
+        A failed write is the recorder's to report: the future resolves all the same, so a
+        broken database never stalls the call.
+        """
         ...
 
     async def switch_thread(self, thread_id: str) -> list[ChatMessage]:
@@ -107,19 +111,23 @@ class Turn:
     spoken: list[tuple[int, int, str]] = field(default_factory=list)
     marks: dict[str, float] = field(default_factory=dict)
     metrics_sent: bool = False
-    # A turn started during the end-of-turn silence runs ahead but shows nothing (events held,
-    # audio not played) until the silence really ends the turn; see Conversation._speculate.
+    # A turn started during the end-of-turn silence runs ahead: its audio waits for ``committed``
+    # (the silence really ended the turn; see Conversation._speculate). Its events wait in
+    # ``held`` until ``shown``, which for a voice turn also waits for its transcript to be
+    # stored: the client never sees a transcript the thread does not have.
     speculative: bool = False
     committed: asyncio.Event = field(default_factory=asyncio.Event)
+    shown: bool = True
     held: list[Callable[[], None]] = field(default_factory=list)
     user_message: ChatMessage | None = None
     underruns: int = 0
+    finished: bool = False
 
     def __post_init__(self) -> None:
         if not self.speculative:
             self.committed.set()
-
-    finished: bool = False
+        if self.source == "voice":
+            self.shown = False
 
     def mark(self, name: str) -> None:
         self.marks.setdefault(name, time.monotonic())
@@ -215,7 +223,7 @@ class Conversation:
 
     # -- events -----------------------------------------------------------------------------------
     def emit(self, type: str, turn: Turn | None = None, **data: Any) -> None:
-        if turn is not None and not turn.committed.is_set():
+        if turn is not None and not turn.shown:
             turn.held.append(lambda: self.emit(type, turn, **data))
             return
         if self._closed:
@@ -227,16 +235,18 @@ class Conversation:
         self._send(event)
 
     def _set_state(self, state: State, turn: Turn | None = None) -> None:
-        if turn is not None and not turn.committed.is_set():
+        if turn is not None and not turn.shown:
             turn.held.append(lambda: self._set_state(state))
             return
         if state != self.state:
             self.state = state
             self.emit("state", state=state)
 
-    def _commit(self, turn: Turn) -> None:
-        """The turn is real: show everything it held back, and let its audio play."""
-        turn.committed.set()
+    def _reveal(self, turn: Turn, first: tuple[str, dict[str, Any]] | None = None) -> None:
+        """Show the turn: ``first`` (its transcript), then everything it held back, in order."""
+        turn.shown = True
+        if first is not None:
+            self.emit(first[0], turn, **first[1])
         held, turn.held = turn.held, []
         for show in held:
             show()
@@ -343,9 +353,9 @@ class Conversation:
         if self._speech_end_at is not None:
             turn.marks["speech_end"] = self._speech_end_at
         turn.mark("turn_end")
-        turn.committed.set()  # speech_stopped goes out before what the turn held back
-        self.emit("speech_stopped", turn)
-        self._commit(turn)
+        self.emit("speech_stopped", turn_id=turn.id)
+        self._set_state("thinking")
+        turn.committed.set()  # a speculative turn may now play; it shows itself once stored
 
     # -- partial transcripts ----------------------------------------------------------------------
     def _maybe_partial(self) -> None:
@@ -388,36 +398,51 @@ class Conversation:
             raise
         except Exception:  # a bug, not an engine fault: say so, keep the call up
             log.exception("session %s: turn %s failed", self.session_id, turn.id)
+            self._reveal(turn)
             self.emit("error", turn, code="internal_error", message="The server failed to answer this turn.")
             self._finish(turn, interrupted=False)
 
     async def _voice_turn(self, turn: Turn, audio: Int16Audio) -> None:
-        self._set_state("thinking", turn)
         turn.mark("stt_start")
         try:
             text = await self.engines.stt.transcribe(int16_to_float(audio), language=self.config.language)
         except EngineError as exc:
-            self.emit("error", turn, code=exc.code, message=str(exc))
-            self._set_state("listening", turn)
+            await turn.committed.wait()
+            self._reveal(turn, ("error", {"code": exc.code, "message": str(exc)}))
+            self._set_state("listening")
             return
         turn.mark("stt_end")
         if not _is_speech(text):
             # Noise the VAD took for speech: nothing was said, so nothing is answered.
-            self.emit("final_transcript", turn, text="", empty=True)
-            self._set_state("listening", turn)
+            await turn.committed.wait()
+            self._reveal(turn, ("final_transcript", {"text": "", "empty": True}))
+            self._set_state("listening")
             return
-        self.emit("final_transcript", turn, text=text)
         turn.user_text = text
-        await self._respond(turn)
+        user: ChatMessage = {"role": "user", "content": text}
+        self.history.append(user)
+        turn.user_message = user
+        # The answer starts now, even before the turn is committed; it shows nothing until then.
+        response = asyncio.create_task(self._respond(turn), name=f"respond-{turn.id}")
+        try:
+            await turn.committed.wait()
+            await self._persist(user, turn, content_type="voice")
+            self._reveal(turn, ("final_transcript", {"text": text}))
+            await response
+        finally:
+            if not response.done():
+                response.cancel()
+                await asyncio.gather(response, return_exceptions=True)
 
-    async def _respond(self, turn: Turn) -> None:
+    async def _text_turn(self, turn: Turn) -> None:
         user: ChatMessage = {"role": "user", "content": turn.user_text}
         self.history.append(user)
         turn.user_message = user
-        if turn.committed.is_set():
-            self._record(user, turn, content_type=turn.source)
-        else:
-            turn.held.append(lambda: self._record(user, turn, content_type=turn.source))
+        await self._persist(user, turn, content_type="text")
+        await self._respond(turn)
+
+    async def _respond(self, turn: Turn) -> None:
+        """Stream the agent's reply for the turn whose user message ends ``history``."""
         messages: list[ChatMessage] = [{"role": "system", "content": self.config.instructions}]
         messages += self.history[-self.settings.max_history_messages :]
         context = AgentContext(self.session_id, self.thread_id, self.user_id, self.config.language)
@@ -472,7 +497,7 @@ class Conversation:
             speaker.cancel()
             raise
         if failed is None or turn.ai_text:
-            self._record_reply(turn, interrupted=False)
+            await self._persist_reply(turn, interrupted=False)
         self._finish(turn, interrupted=False)
 
     async def _speak(self, turn: Turn, sentences: asyncio.Queue[str | None]) -> None:
@@ -551,6 +576,11 @@ class Conversation:
         if turn.finished:
             return
         turn.finished = True
+        if not turn.shown:
+            # Ended before it was shown (interrupted while it was still being stored or
+            # transcribed): what it held back is moot; the client only learns it ended.
+            turn.held.clear()
+            turn.shown = True
         self._send_metrics(turn)
         self.emit(
             "end_of_response", turn, interrupted=interrupted, text=turn.ai_text, underruns=turn.underruns
@@ -560,17 +590,18 @@ class Conversation:
             self._turn = None
         self._set_state("listening", turn)
 
-    def _record(self, message: ChatMessage, turn: Turn, **extra: Any) -> None:
+    async def _persist(self, message: ChatMessage, turn: Turn, **extra: Any) -> None:
+        """Store a message before the client hears of it: what a client saw is in the thread."""
         if self._recorder is not None:
-            self._recorder.record(message, {"turn_id": turn.id, "session_id": self.session_id, **extra})
+            await self._recorder.record(message, {"turn_id": turn.id, "session_id": self.session_id, **extra})
 
-    def _record_reply(self, turn: Turn, *, interrupted: bool, said: str | None = None) -> None:
+    async def _persist_reply(self, turn: Turn, *, interrupted: bool, said: str | None = None) -> None:
         content = turn.ai_text.strip() if said is None else said
         if not content:
             return
         reply: ChatMessage = {"role": "assistant", "content": content}
         self.history.append(reply)
-        self._record(reply, turn, content_type="voice", interrupted=interrupted)
+        await self._persist(reply, turn, content_type="voice", interrupted=interrupted)
 
     async def interrupt(self, *, reason: str = "client") -> bool:
         """Stop the AI now: flush its audio, cancel the turn's work, keep what was heard."""
@@ -588,7 +619,7 @@ class Conversation:
             return False
         said = turn.said_before(heard)
         if turn.user_text and said:
-            self._record_reply(turn, interrupted=True, said=said)
+            await self._persist_reply(turn, interrupted=True, said=said)
         log.info(
             "session %s: turn %s interrupted (%s); heard %r", self.session_id, turn.id, reason, said[:80]
         )
@@ -643,7 +674,7 @@ class Conversation:
         await self.interrupt(reason="text_message")
         turn = Turn(id=uuid.uuid4().hex[:12], source="text", user_text=text.strip())
         turn.mark("speech_end")
-        self._start_turn(turn, self._respond(turn))
+        self._start_turn(turn, self._text_turn(turn))
 
     async def _set_thread(self, thread_id: str) -> None:
         if self._recorder is None:

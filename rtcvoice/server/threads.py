@@ -44,13 +44,21 @@ class ThreadRecorder:
         self.user_id = user_id
         self.thread_id = thread_id
         self.session_id = session_id
-        self._queue: asyncio.Queue[tuple[str, ChatMessage, dict[str, Any]] | None] = asyncio.Queue()
+        self._queue: asyncio.Queue[tuple[str, ChatMessage, dict[str, Any], asyncio.Future[None]] | None] = (
+            asyncio.Queue()
+        )
         self._writer = asyncio.create_task(self._write_loop(), name=f"recorder-{session_id}")
         self.written = 0
         self.failed = 0
 
-    def record(self, message: ChatMessage, meta: dict[str, Any]) -> None:
-        self._queue.put_nowait((self.thread_id, message, meta))
+    def record(self, message: ChatMessage, meta: dict[str, Any]) -> asyncio.Future[None]:
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if self._writer.done():
+            log.error("session %s: message recorded after the call closed: %r", self.session_id, message)
+            done.set_result(None)
+        else:
+            self._queue.put_nowait((self.thread_id, message, meta, done))
+        return done
 
     async def switch_thread(self, thread_id: str) -> list[ChatMessage]:
         try:
@@ -65,7 +73,7 @@ class ThreadRecorder:
             item = await self._queue.get()
             if item is None:
                 return
-            thread_id, message, meta = item
+            thread_id, message, meta, done = item
             try:
                 await self._store.add_message(
                     thread_id,
@@ -77,8 +85,9 @@ class ThreadRecorder:
                     turn_id=meta.get("turn_id"),
                 )
                 self.written += 1
-            except StoreError:
-                # The call goes on; the message is in the log so it can be recovered by hand.
+            except (StoreError, Exception):
+                # Whatever went wrong, the writer must outlive it (the call waits on its futures);
+                # the message is in the log so it can be recovered by hand.
                 self.failed += 1
                 log.exception(
                     "session %s: could not store %s message %r",
@@ -86,6 +95,9 @@ class ThreadRecorder:
                     message["role"],
                     message["content"][:200],
                 )
+            finally:
+                if not done.done():
+                    done.set_result(None)
 
     async def aclose(self) -> None:
         """Finish every queued write, then stop. Idempotent."""
