@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from aiohttp import web
 from fake_openai import FakeOpenAI
+from pg import PostgresCluster
 
 from rtcvoice.engines import Engines, load_engines
 from rtcvoice.engines.agents.echo import EchoAgent
@@ -27,6 +28,13 @@ async def shared_engines() -> AsyncIterator[Engines]:
     engines = await load_engines(BASE_SETTINGS)
     yield engines
     await engines.aclose()
+
+
+@pytest.fixture(scope="session")
+def pg_cluster() -> Iterator[PostgresCluster]:
+    """A throwaway PostgreSQL server for the run, started on first use (tests/pg.py)."""
+    with PostgresCluster() as cluster:
+        yield cluster
 
 
 @pytest.fixture

@@ -19,6 +19,7 @@ import aiohttp
 import numpy as np
 from conftest import ServerFactory, openai_agent
 from fake_openai import FakeOpenAI
+from pg import PostgresCluster
 from speech import speak, wer
 
 from rtcvoice.audio import STT_RATE, Int16Audio, int16_to_float, resample_pcm
@@ -35,7 +36,9 @@ def at_16k(clip: tuple[Int16Audio, int]) -> Int16Audio:
     return resample_pcm(clip[0], clip[1], STT_RATE)
 
 
-async def messages(http: aiohttp.ClientSession, server: str, thread: str, user: str = "") -> list[dict[str, Any]]:
+async def messages(
+    http: aiohttp.ClientSession, server: str, thread: str, user: str = ""
+) -> list[dict[str, Any]]:
     # Unauthenticated mode: the app names its user; with auth on, the token would.
     query = f"?user_id={user}" if user else ""
     async with http.get(f"{server}/api/v1/chat/threads/{thread}/messages{query}") as resp:
@@ -302,3 +305,18 @@ async def test_sigkill_mid_call_loses_no_stored_turn(tmp_path: Path, fake_openai
     finally:
         proc.terminate()
         await asyncio.to_thread(proc.wait, 30)
+
+
+async def test_a_postgres_url_keeps_the_threads_in_postgres(
+    start_server: ServerFactory, fake_openai: FakeOpenAI, pg_cluster: PostgresCluster
+) -> None:
+    fake_openai.reply = A1
+    url = await start_server(agent=openai_agent(fake_openai), database_url=pg_cluster.create_database())
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"{url}{API}/session/start", json={"user_id": "gina"}) as resp:
+            started = await resp.json()
+        events, _audio = await ws_turn(http, url + started["ws_url"], at_16k(speak(Q1)))
+        stored = await messages(http, url, started["thread_id"], "gina")
+    assert events[-1]["type"] == "end_of_response"
+    assert [(m["role"], m["content_type"]) for m in stored] == [("user", "voice"), ("assistant", "voice")]
+    assert stored[1]["content"] == A1

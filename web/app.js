@@ -1,13 +1,16 @@
 // The call page served at "/": a thin UI over rtcvoice.js (no framework, no build step).
 //
 // ?server=https://voice.example.com points the page at another rtcvoice server (that server
-// must then allow this page's origin).
+// must then allow this page's origin). ?transport=websocket makes the call over the server's
+// WebSocket transport even where WebRTC works (?transport=webrtc: never fall back).
 
 import { LevelMeter, Transcript, checkSupport, createCall, fetchVoices } from "./rtcvoice.js";
 
 const $ = (id) => document.getElementById(id);
 const params = new URLSearchParams(location.search);
 const server = params.get("server") || "";
+const TRANSPORTS = new Set(["auto", "webrtc", "websocket"]);
+const transportWanted = TRANSPORTS.has(params.get("transport")) ? params.get("transport") : "auto";
 
 const ui = {
   status: $("status"),
@@ -27,7 +30,10 @@ const ui = {
   meterIn: $("meter-in"),
   meterOut: $("meter-out"),
   sessionInfo: $("session-info"),
+  transport: $("transport"),
 };
+
+const TRANSPORT_TEXT = { webrtc: "WebRTC", websocket: "WebSocket" };
 
 const STATUS_TEXT = {
   idle: "Ready",
@@ -111,6 +117,20 @@ function setCallButton(action) {
   ui.call.textContent = { start: "Start call", cancel: "Cancel", hangup: "Hang up" }[action];
 }
 
+function setTransport(transport) {
+  ui.transport.hidden = !transport;
+  ui.transport.dataset.transport = transport ?? "";
+  ui.transport.textContent = transport ? `via ${TRANSPORT_TEXT[transport] ?? transport}` : "";
+  ui.transport.title =
+    transport === "websocket"
+      ? transportWanted === "websocket"
+        ? "The audio goes over a WebSocket, as this page was asked to (?transport=websocket)."
+        : "This browser has no WebRTC, so the audio goes over a WebSocket instead."
+      : transport === "webrtc"
+        ? "The audio goes over WebRTC."
+        : "";
+}
+
 function setInCall(inCall) {
   ui.mute.disabled = !inCall;
   ui.text.disabled = !inCall;
@@ -158,7 +178,7 @@ async function startCall({ microphone = true } = {}) {
   setStatus("connecting");
 
   const voice = ui.voice.disabled ? undefined : ui.voice.value || undefined;
-  call = createCall({ server, microphone, session: voice ? { voice } : {} });
+  call = createCall({ server, microphone, transport: transportWanted, session: voice ? { voice } : {} });
   const current = call;
   lastCall = current;
   transcript = new Transcript();
@@ -167,7 +187,7 @@ async function startCall({ microphone = true } = {}) {
   renderTranscript(transcript.entries);
 
   // An AudioContext made inside the click may play and measure; one made later may start suspended.
-  if (support.webrtc && !audioContext) {
+  if ((support.webrtc || support.websocket) && !audioContext) {
     const Ctx = window.AudioContext ?? window.webkitAudioContext;
     if (Ctx) audioContext = new Ctx();
   }
@@ -211,6 +231,7 @@ function onConnection(current, e) {
     case "connected":
       setCallButton("hangup");
       setInCall(true);
+      setTransport(current.transport);
       setStatus(current.state ?? "listening");
       if (e.reconnected) showAlert("The connection dropped for a moment; the call is back.", { kind: "info" });
       if (current.localStream && audioContext && !meters.in) {
@@ -227,6 +248,7 @@ function onConnection(current, e) {
       setStatus(e.state);
       setCallButton("start");
       setInCall(false);
+      setTransport(null);
       stopMeters();
       if (e.state === "closed" && e.reason === "remote") showAlert("The server ended the call.", { kind: "info" });
       call = null;
@@ -429,8 +451,10 @@ function init() {
   setStatus("idle");
   setCallButton("start");
   setInCall(false);
+  setTransport(null);
   const support = checkSupport();
-  if (!support.webrtc) {
+  const fallback = transportWanted !== "webrtc" && support.websocket;
+  if ((!support.webrtc && !fallback) || (transportWanted === "websocket" && !support.websocket)) {
     // Said up front; pressing Start says it again through the client's own error.
     showAlert("This browser can't make WebRTC calls. Please use a current version of Chrome, Edge, Firefox or Safari.");
   } else if (!support.secureContext) {

@@ -246,7 +246,7 @@ class PcmDownsampler {
     this.step = inputRate / outputRate; // input samples per output sample
     this.onFrame = onFrame;
     const cutoff = Math.min(0.5, (0.45 * outputRate) / inputRate); // cycles per input sample
-    const half = Math.ceil(6 / (2 * cutoff)); // six zero crossings of the sinc each side
+    const half = Math.ceil(16 / (2 * cutoff)); // 16 zero crossings of the sinc each side
     const phases = 128;
     this.half = half;
     this.phases = phases;
@@ -284,8 +284,8 @@ class PcmDownsampler {
     this.length += input.length;
     const { buffer, table, taps, half, phases } = this;
     for (;;) {
-      let base = Math.floor(this.position);
-      let phase = Math.round((this.position - base) * phases);
+      const base = Math.floor(this.position);
+      const phase = Math.round((this.position - base) * phases);
       if (base + half >= this.length) break; // needs samples that have not come yet
       const row = phase * taps;
       const first = base - half + 1;
@@ -338,6 +338,228 @@ registerProcessor(${JSON.stringify(CAPTURE_PROCESSOR)}, class extends AudioWorkl
   }
 });
 `;
+}
+
+const LITTLE_ENDIAN = new Uint8Array(new Uint16Array([1]).buffer)[0] === 1;
+
+function swapBytes(pcm) {
+  for (let i = 0; i < pcm.length; i++) {
+    const x = pcm[i] & 0xffff;
+    pcm[i] = ((x & 0xff) << 8) | (x >> 8);
+  }
+  return pcm;
+}
+
+/**
+ * The audio of a WebSocket call, on one AudioContext: the microphone resampled to 16 kHz PCM16
+ * frames for the socket, and the AI's 24 kHz PCM16 frames scheduled back to back on a playhead
+ * that a barge-in or `interrupt()` can flush. The AI's voice also feeds a MediaStream (the
+ * `track` event, as on WebRTC) so level meters and recorders work unchanged.
+ */
+class WebSocketAudio {
+  constructor(call) {
+    this.call = call;
+    const Ctx = globalThis.AudioContext ?? globalThis.webkitAudioContext;
+    this.context = new Ctx();
+    this.context.resume?.().catch(() => {});
+    this.output = this.context.createGain();
+    this.stream = null;
+    if (typeof this.context.createMediaStreamDestination === "function") {
+      const destination = this.context.createMediaStreamDestination();
+      this.output.connect(destination);
+      this.stream = destination.stream;
+    }
+    // With an audioElement the voice plays there (its output device, its volume); otherwise
+    // straight to the speakers.
+    this.element = call.options.audioElement && this.stream ? call.options.audioElement : null;
+    if (!this.element) this.output.connect(this.context.destination);
+    this.sources = new Set();
+    this.playhead = 0;
+    this.closed = false;
+    this._capture = null;
+    this._nodes = [];
+    this._blockedReported = false;
+    this.counters = {
+      framesSent: 0,
+      secondsSent: 0,
+      framesDropped: 0,
+      framesReceived: 0,
+      secondsReceived: 0,
+      secondsPlayed: 0,
+      flushes: 0,
+      underruns: 0,
+    };
+  }
+
+  /** Whether the AI's voice is playing (or scheduled) right now. */
+  get playing() {
+    return this.sources.size > 0 && this.playhead > this.context.currentTime;
+  }
+
+  stats() {
+    const buffered = this.sources.size ? Math.max(0, this.playhead - this.context.currentTime) : 0;
+    return { ...this.counters, bufferedSeconds: buffered, contextState: this.context.state };
+  }
+
+  /** Start sending the microphone (once per call; reconnections reuse it). */
+  startCapture(stream) {
+    if (!this._capture) this._capture = this._startCapture(stream);
+    return this._capture;
+  }
+
+  async _startCapture(stream) {
+    const ctx = this.context;
+    const source = ctx.createMediaStreamSource(stream);
+    // Processing nodes only run when pulled by the destination: through a muted gain.
+    const sink = ctx.createGain();
+    sink.gain.value = 0;
+    sink.connect(ctx.destination);
+    this._nodes.push(source, sink);
+    const onFrame = (frame) => this._send(frame);
+    let node = null;
+    if (ctx.audioWorklet && typeof globalThis.AudioWorkletNode === "function") {
+      const url = URL.createObjectURL(new Blob([captureWorkletSource()], { type: "text/javascript" }));
+      try {
+        await ctx.audioWorklet.addModule(url);
+        node = new AudioWorkletNode(ctx, CAPTURE_PROCESSOR, {
+          numberOfInputs: 1,
+          numberOfOutputs: 1,
+          outputChannelCount: [1],
+          processorOptions: { outputRate: WS_INPUT_RATE, frameSamples: WS_FRAME_SAMPLES },
+        });
+        node.port.onmessage = (event) => onFrame(event.data);
+      } catch {
+        node = null; // blob: modules blocked by the page's CSP: capture on the main thread
+      } finally {
+        URL.revokeObjectURL(url);
+      }
+    }
+    if (this.closed) return;
+    if (!node) {
+      node = ctx.createScriptProcessor(2048, 1, 1);
+      const resampler = new PcmDownsampler(ctx.sampleRate, WS_INPUT_RATE, WS_FRAME_SAMPLES, onFrame);
+      node.onaudioprocess = (event) => resampler.push(event.inputBuffer.getChannelData(0));
+    }
+    source.connect(node);
+    node.connect(sink);
+    this._nodes.push(node);
+  }
+
+  _send(frame) {
+    const ws = this.call._socket;
+    if (this.closed || !ws || ws.readyState !== 1) return;
+    if (ws.bufferedAmount > WS_MAX_BUFFERED_BYTES) {
+      this.counters.framesDropped++; // the network can't keep up: old speech is worth nothing
+      return;
+    }
+    if (this.call.muted) frame.fill(0); // silence, so the server's turn taking goes on
+    else if (!LITTLE_ENDIAN) swapBytes(frame);
+    ws.send(frame.buffer);
+    this.counters.framesSent++;
+    this.counters.secondsSent += frame.length / WS_INPUT_RATE;
+  }
+
+  /** Schedule one binary frame of the AI's voice (PCM16 LE mono, 24 kHz). */
+  play(data) {
+    const samples = data.byteLength >> 1;
+    if (this.closed || samples === 0) return;
+    const pcm = new Int16Array(data, 0, samples);
+    if (!LITTLE_ENDIAN) swapBytes(pcm);
+    const ctx = this.context;
+    const buffer = ctx.createBuffer(1, samples, WS_OUTPUT_RATE);
+    const out = buffer.getChannelData(0);
+    for (let i = 0; i < samples; i++) out[i] = pcm[i] / 32768;
+    const now = ctx.currentTime;
+    if (this.playhead < now + 0.005) {
+      // First audio of a reply, or the network fell behind: start a little ahead of now.
+      if (this.sources.size) this.counters.underruns++;
+      this.playhead = now + WS_PLAYBACK_LEAD_S;
+    }
+    const source = ctx.createBufferSource();
+    source.buffer = buffer;
+    source.connect(this.output);
+    source.onended = () => {
+      if (this.sources.delete(source)) this.counters.secondsPlayed += buffer.duration;
+      source.disconnect();
+    };
+    source.start(this.playhead);
+    this.sources.add(source);
+    this.playhead += buffer.duration;
+    this.counters.framesReceived++;
+    this.counters.secondsReceived += buffer.duration;
+    if (ctx.state === "suspended") this._reportBlocked();
+  }
+
+  /** Drop every scheduled frame (barge-in, interrupt, reconnection). */
+  flush() {
+    if (this.sources.size) this.counters.flushes++;
+    for (const source of this.sources) {
+      source.onended = null;
+      try {
+        source.stop();
+      } catch {
+        // not started
+      }
+      source.disconnect();
+    }
+    this.sources.clear();
+    this.playhead = 0;
+  }
+
+  /** The AI's voice is ready: tell the call (its `track` event, for meters), start the element. */
+  announce() {
+    const call = this.call;
+    if (this.stream) {
+      call.remoteStream = this.stream;
+      if (this.element) {
+        call.audioElement = this.element;
+        this.element.srcObject = this.stream;
+        this.element.play()?.catch?.((err) => {
+          if (!this.closed && !(err && err.name === "AbortError")) this._reportBlocked(err);
+        });
+      }
+      call.emit("track", { stream: this.stream, track: this.stream.getAudioTracks()[0] });
+    }
+    if (this.context.state === "suspended") this._reportBlocked();
+  }
+
+  _reportBlocked(cause) {
+    if (this._blockedReported) return;
+    this._blockedReported = true;
+    this.call.emit(
+      "error",
+      new RtcVoiceError("autoplay_blocked", "The browser is holding back the call's audio until you click on the page.", {
+        fatal: false,
+        cause,
+      }),
+    );
+  }
+
+  async resume() {
+    if (this.closed) return;
+    if (this.context.state === "suspended") {
+      this.flush(); // what queued up while the browser held the audio back is stale now
+      await this.context.resume();
+    }
+    this._blockedReported = false;
+  }
+
+  close() {
+    if (this.closed) return;
+    this.flush();
+    this.closed = true;
+    for (const node of this._nodes) {
+      if (node.port) node.port.onmessage = null;
+      if ("onaudioprocess" in node) node.onaudioprocess = null;
+      try {
+        node.disconnect();
+      } catch {
+        // already disconnected
+      }
+    }
+    this._nodes = [];
+    this.context.close().catch(() => {});
+  }
 }
 
 // -- events -------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ import logging
 from typing import Any
 
 from ..engines.base import ChatMessage
-from ..store import Store, StoreError, Thread
+from ..store import Store, Thread
 from .errors import ApiError
 
 log = logging.getLogger(__name__)
@@ -85,7 +85,7 @@ class ThreadRecorder:
                     turn_id=meta.get("turn_id"),
                 )
                 self.written += 1
-            except (StoreError, Exception):
+            except Exception:
                 # Whatever went wrong, the writer must outlive it (the call waits on its futures);
                 # the message is in the log so it can be recovered by hand.
                 self.failed += 1
