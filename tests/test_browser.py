@@ -37,6 +37,12 @@ API = "/api/v1/voice"
 QUESTION = "Could you tell me how far it is from the earth to the moon?"
 ANSWER = "The moon is about three hundred and eighty thousand kilometres away. The trip takes three days."
 PHONE = {"width": 390, "height": 844}
+NO_WEBRTC = "delete window.RTCPeerConnection; delete window.webkitRTCPeerConnection;"
+# Long enough (as speech) that the reply is still playing when the test interrupts it.
+LONG_TEXT = (
+    "Please read this slowly: the quick brown fox jumps over the lazy dog, and then it runs "
+    "all the way around the farm, past the barn, the pond and the orchard, before it comes back."
+)
 WATERFALL_ROWS = (
     "end_of_turn",
     "stt",
@@ -177,6 +183,9 @@ class CallPage:
                 }"""
             )
         )
+
+    async def websocket_stats(self) -> dict[str, Any]:
+        return dict(await self.page.evaluate("window.rtcvoiceDemo.lastCall.websocketStats"))
 
     async def microphone_released(self) -> bool:
         return bool(
@@ -346,14 +355,13 @@ async def test_a_server_at_its_call_limit_says_when_to_try_again(
         assert await call.microphone_released()
 
 
-async def test_a_browser_without_webrtc_is_told_so_before_the_microphone_is_asked(
+async def test_a_browser_without_webrtc_or_websockets_is_told_so_before_the_microphone_is_asked(
     pw: Playwright, start_server: ServerFactory, silence_wav: Path
 ) -> None:
     url = await start_server(agent=echo_agent())
     async with chromium(pw, silence_wav) as context:
-        await context.add_init_script(
-            "delete window.RTCPeerConnection; delete window.webkitRTCPeerConnection;"
-        )
+        # Without WebRTC the client falls back to the WebSocket; without both, no call can work.
+        await context.add_init_script(f"{NO_WEBRTC} delete window.WebSocket;")
         call = await CallPage.open(context, url + "/")
         assert "can't make WebRTC calls" in await call.alert()
         await call.page.click("#alert-close")
@@ -363,6 +371,134 @@ async def test_a_browser_without_webrtc_is_told_so_before_the_microphone_is_aske
         opened_microphone = await call.page.evaluate("window.rtcvoiceDemo.lastCall.localStream !== null")
         assert not opened_microphone
         assert await live_sessions(url) == 0
+
+
+# -- the WebSocket fallback -------------------------------------------------------------------------
+async def test_a_browser_without_webrtc_calls_over_the_websocket(
+    pw: Playwright, start_server: ServerFactory, fake_openai: FakeOpenAI, question_wav: Path
+) -> None:
+    """No RTCPeerConnection: the page says nothing is wrong, and the call goes over the server's
+    WebSocket transport: the microphone as 16 kHz PCM, the AI's voice as 24 kHz PCM played on
+    an AudioContext, the same events, meters and transcript."""
+    fake_openai.reply = ANSWER
+    url = await start_server(agent=openai_agent(fake_openai))
+    async with chromium(pw, question_wav) as context:
+        await context.add_init_script(NO_WEBRTC)
+        call = await CallPage.open(context, url + "/")
+        page = call.page
+        assert not await page.evaluate("'RTCPeerConnection' in window")
+        await expect(page.locator("#voice")).to_be_enabled()
+        await expect(page.locator("#alert")).to_be_hidden()  # nothing to warn about
+
+        await page.click("#call")
+        await expect(page.locator("#transport"), str(call)).to_have_text("via WebSocket")
+        assert await page.evaluate("window.rtcvoiceDemo.call.transport") == "websocket"
+
+        ai = page.locator(".entry.assistant.final")
+        await expect(ai, str(call)).to_have_count(1, timeout=TURN_TIMEOUT_MS)
+        await expect(ai.locator(".text")).to_have_text(ANSWER)
+        heard = await page.locator(".entry.user.final .text").inner_text()
+        assert wer(QUESTION, heard) <= 0.3, heard
+        await expect(page.locator(".turn-metrics"), str(call)).to_have_count(1, timeout=30_000)
+
+        # The AI's voice came as binary frames and was played to the end, loud enough to move
+        # the output meter; the microphone went up as 20 ms frames and moved the input meter.
+        await page.wait_for_function(
+            """() => {
+                const s = window.rtcvoiceDemo.lastCall.websocketStats;
+                return s.secondsPlayed > 3 && s.bufferedSeconds === 0;
+            }""",
+            timeout=60_000,
+        )
+        stats = await call.websocket_stats()
+        assert stats["secondsReceived"] > 3 and stats["framesDropped"] == 0, stats
+        assert stats["framesSent"] > 200 and stats["contextState"] == "running", stats
+        assert float(await page.locator("#meter-out").get_attribute("data-peak") or 0) > 0.2
+        assert float(await page.locator("#meter-in").get_attribute("data-peak") or 0) > 0.2
+
+        await page.click("#call")
+        await call.expect_state("closed")
+        await expect(page.locator("#transport")).to_be_hidden()
+        assert await call.microphone_released()
+        assert await eventually(lambda: _no_sessions(url)), "the session outlived the hang-up"
+        assert not call.page_errors, call.page_errors
+
+
+async def test_the_websocket_transport_can_be_forced_and_interrupted_reconnected_and_ended(
+    pw: Playwright, app_server: tuple[str, web.Application], silence_wav: Path
+) -> None:
+    """?transport=websocket while WebRTC works: typed turns, an interrupt that silences the
+    buffered reply at once, a socket that drops (a fresh session), and a call the server ends."""
+    url, app = app_server
+    async with chromium(pw, silence_wav) as context:
+        call = await CallPage.open(context, url + "/?transport=websocket")
+        page = call.page
+        await call.record_states()
+        await page.click("#call")
+        await expect(page.locator("#transport"), str(call)).to_have_text("via WebSocket")
+        await call.expect_state("listening")
+        assert await page.evaluate(
+            """() => typeof RTCPeerConnection === "function"
+                && window.rtcvoiceDemo.call.transport === "websocket"
+                && window.rtcvoiceDemo.call.peerConnection === null"""
+        )
+        assert await page.evaluate("window.rtcvoiceDemo.call.ping()") >= 0
+
+        # A long reply, interrupted while it plays: what was buffered is dropped at once.
+        await page.fill("#text", LONG_TEXT)
+        await page.press("#text", "Enter")
+        await page.wait_for_function(
+            "window.rtcvoiceDemo.call.websocketStats.secondsPlayed > 0.5", timeout=60_000
+        )
+        after = await page.evaluate(
+            """() => {
+                const call = window.rtcvoiceDemo.call;
+                call.interrupt();
+                return call.websocketStats;
+            }"""
+        )
+        assert after["flushes"] >= 1 and after["bufferedSeconds"] == 0, after
+        await expect(page.locator(".entry.assistant.final .note"), str(call)).to_have_text(
+            "(interrupted)", timeout=30_000
+        )
+        await call.expect_state("listening")
+
+        # Muted: the microphone track is off and the frames that still go up are silence.
+        await page.click("#mute")
+        assert await page.evaluate(
+            "window.rtcvoiceDemo.call.localStream.getAudioTracks().map((t) => t.enabled)"
+        ) == [False]
+        sent = (await call.websocket_stats())["framesSent"]
+        await page.wait_for_function(
+            f"window.rtcvoiceDemo.call.websocketStats.framesSent > {sent + 10}", timeout=10_000
+        )
+
+        # The socket drops without a goodbye: the client starts a fresh session over a new socket.
+        first = await page.evaluate("window.rtcvoiceDemo.call.sessionId")
+        session = app[SESSIONS].get(first)
+        assert session is not None and session.peer is not None
+        await session.peer.ws.close(code=aiohttp.WSCloseCode.INTERNAL_ERROR)
+        await page.wait_for_function("window.seenStates.includes('reconnecting')", timeout=30_000)
+        await call.expect_state("listening")
+        second = await page.evaluate("window.rtcvoiceDemo.call.sessionId")
+        assert second and second != first
+        assert "the call is back" in await call.alert()
+        assert await eventually(lambda: _session_gone(app, first)), "the dropped session lingers"
+
+        await page.fill("#text", "Are you still there?")
+        await page.press("#text", "Enter")
+        await expect(page.locator(".entry.assistant.final .text").last, str(call)).to_have_text(
+            "You said: Are you still there?", timeout=60_000
+        )
+
+        # The server ends the call: shown as ended, not reconnected.
+        async with aiohttp.ClientSession() as http:
+            await http.post(f"{url}{API}/session/end", json={"session_id": second})
+        await call.expect_state("closed")
+        assert "The server ended the call." in await call.alert()
+        assert await call.microphone_released()
+        assert await eventually(lambda: _session_gone(app, second))
+        assert not call.page_errors, call.page_errors
 
 
 async def test_ice_that_cannot_connect_fails_with_a_network_message(

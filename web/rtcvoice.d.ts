@@ -146,12 +146,19 @@ export type ClientEvent =
   | { type: "text_message"; content: string }
   | { type: "interrupt" }
   | ({ type: "session.update" } & SessionUpdate)
-  | { type: "ping"; id?: number; t?: number };
+  | { type: "ping"; id?: number; t?: number }
+  /** Push-to-talk: the user is done, end the turn without waiting for the silence. */
+  | { type: "end_of_input" }
+  /** Carry on in another thread (its history becomes the conversation's). */
+  | { type: "set_thread"; thread_id: string };
 
 // ---- errors -------------------------------------------------------------------------------------
 
 export type ErrorCode =
-  /** No RTCPeerConnection here (and the WebSocket fallback is not available yet). */
+  /**
+   * No RTCPeerConnection here and no WebSocket/AudioContext to fall back on (or
+   * `transport: "webrtc"` in a browser without WebRTC).
+   */
   | "webrtc_unavailable"
   /** The page is not https:// or localhost, so the browser hides the microphone. */
   | "insecure_context"
@@ -170,8 +177,10 @@ export type ErrorCode =
   | "bad_response"
   /** ICE did not connect (or failed with reconnection off). */
   | "ice_failed"
-  /** ICE failed mid-call and every reconnection attempt failed too. */
+  /** ICE failed (or the WebSocket dropped) mid-call and every reconnection attempt failed too. */
   | "connection_lost"
+  /** The WebSocket transport could not connect (refused upgrade, a proxy that blocks WebSockets, timeout). */
+  | "websocket_failed"
   | "autoplay_blocked"
   | "aborted"
   | "already_started"
@@ -218,7 +227,10 @@ export type ConnectionState = "idle" | "connecting" | "connected" | "reconnectin
 export interface ConnectionEvent {
   state: ConnectionState;
   sessionId: string | null;
-  /** "hangup" or "remote" (the server ended the call) when closed; the cause while reconnecting. */
+  /**
+   * "hangup" or "remote" (the server ended the call) when closed; the cause while reconnecting
+   * ("ice_failed", "ice_disconnected", or "socket_closed" for the WebSocket transport).
+   */
   reason?: string;
   attempt?: number;
   attempts?: number;
@@ -227,12 +239,37 @@ export interface ConnectionEvent {
 }
 
 export interface ReconnectOptions {
-  /** Fresh sessions to try after ICE fails mid-call (default 3; 0 turns reconnection off). */
+  /** Fresh sessions to try after ICE fails (or the WebSocket drops) mid-call (default 3; 0 turns reconnection off). */
   attempts?: number;
   /** Wait before attempt n is n times this (default 1000 ms). */
   backoffMs?: number;
   /** How long "disconnected" may last before it counts as failed (default 4000 ms). */
   disconnectedTimeoutMs?: number;
+}
+
+export type Transport = "webrtc" | "websocket";
+export type TransportOption = "auto" | Transport;
+
+/** Counters of a WebSocket call's audio (`VoiceCall.websocketStats`). */
+export interface WebSocketStats {
+  /** Microphone frames sent (20 ms of 16 kHz PCM16 each) and their length in seconds. */
+  framesSent: number;
+  secondsSent: number;
+  /** Microphone frames dropped because the socket could not keep up. */
+  framesDropped: number;
+  /** The AI's voice: binary frames received and their length in seconds. */
+  framesReceived: number;
+  secondsReceived: number;
+  /** Seconds of the AI's voice played to the end (flushed audio is not counted). */
+  secondsPlayed: number;
+  /** Seconds scheduled but not played yet. */
+  bufferedSeconds: number;
+  /** Times buffered audio was dropped: barge-in, `interrupt()`, reconnection. */
+  flushes: number;
+  /** Times playback ran dry mid-reply and restarted. */
+  underruns: number;
+  /** The AudioContext's state ("suspended" while the browser blocks autoplay). */
+  contextState: AudioContextState;
 }
 
 export interface ConnectOptions {
@@ -253,17 +290,20 @@ export interface ConnectOptions {
   audio?: MediaTrackConstraints | MediaStream;
   /** false: a listen-only call (type with sendText, hear the answers). Default true. */
   microphone?: boolean;
-  /** Where the AI's voice plays (default: a detached <audio autoplay> element). */
+  /**
+   * Where the AI's voice plays (default: a detached <audio autoplay> element on WebRTC, the
+   * AudioContext's speakers on the WebSocket transport).
+   */
   audioElement?: HTMLAudioElement;
   /**
-   * "auto" (default) uses WebRTC and falls back to the WebSocket transport where WebRTC is
-   * missing. The server does not offer the WebSocket transport yet, so today "websocket", and
-   * "auto" without WebRTC, fail with a `webrtc_unavailable` error.
+   * "auto" (default): WebRTC where the browser has it, otherwise the server's WebSocket
+   * transport (PCM audio over a WebSocket; the same events, meters, mute and interrupt).
+   * "websocket" uses the WebSocket even where WebRTC works; "webrtc" never falls back.
    */
-  transport?: "auto" | "webrtc" | "websocket";
-  /** Reconnection after ICE fails mid-call; false turns it off. */
+  transport?: TransportOption;
+  /** Reconnection after ICE fails (or the WebSocket drops) mid-call; false turns it off. */
   reconnect?: boolean | ReconnectOptions;
-  /** From the offer until the call is up (default 20000 ms); then `ice_failed`. */
+  /** From the offer (or opening the WebSocket) until the call is up (default 20000 ms); then `ice_failed` (`websocket_failed`). */
   connectTimeoutMs?: number;
   /** Per HTTP request (default 15000 ms). */
   requestTimeoutMs?: number;
@@ -297,7 +337,10 @@ export interface VoiceCallEvents {
   end_of_response: EndOfResponseEvent;
   metrics: MetricsEvent;
   pong: PongEvent;
-  /** The AI's audio arrived (again after a reconnection): for level meters or recording. */
+  /**
+   * The AI's audio arrived (again after a reconnection): for level meters or recording. On the
+   * WebSocket transport the stream is the played PCM, from the call's AudioContext.
+   */
   track: { stream: MediaStream; track: MediaStreamTrack };
   mute: { muted: boolean };
   text_sent: TextSentEvent;
@@ -317,9 +360,13 @@ export declare class VoiceCall {
   readonly muted: boolean;
   readonly localStream: MediaStream | null;
   readonly remoteStream: MediaStream | null;
+  /** Null on the WebSocket transport. */
   readonly peerConnection: RTCPeerConnection | null;
-  readonly transport: "webrtc" | "websocket" | null;
+  /** Which transport carries the call, once connecting has begun. */
+  readonly transport: Transport | null;
   readonly audioElement: HTMLAudioElement | null;
+  /** The WebSocket transport's audio counters; null on WebRTC calls. */
+  readonly websocketStats: WebSocketStats | null;
 
   /** Ask for the microphone, start a session and connect; rejects with the error also emitted as `error`. */
   connect(): Promise<this>;
@@ -337,11 +384,12 @@ export declare class VoiceCall {
   sendText(text: string): void;
   /** Kept across reconnections. */
   updateSession(update: SessionUpdate): void;
-  /** Data channel round trip in ms. */
+  /** Event channel (data channel or WebSocket) round trip in ms. */
   ping(timeoutMs?: number): Promise<number>;
   /** Any client event; queued (up to 50) while connecting or reconnecting. Returns whether it was sent now. */
   send(event: ClientEvent): boolean;
   hangUp(): Promise<void>;
+  /** The peer connection's statistics; null on the WebSocket transport (see `websocketStats`). */
   getStats(): Promise<RTCStatsReport | null>;
   /** Retry playback after an `autoplay_blocked` error; call it from a click handler. */
   resumeAudio(): Promise<void>;

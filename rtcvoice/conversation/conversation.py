@@ -220,6 +220,7 @@ class Conversation:
         self._side_tasks: set[asyncio.Task[Any] | asyncio.Future[Any]] = set()
         self._closed = False
         self.turns_completed = 0
+        self.last_activity = time.monotonic()  # the last time anyone said or typed anything
 
     # -- events -----------------------------------------------------------------------------------
     def emit(self, type: str, turn: Turn | None = None, **data: Any) -> None:
@@ -335,7 +336,7 @@ class Conversation:
             self.history = [m for m in self.history if m is not turn.user_message]
 
     async def _on_speech_start(self) -> None:
-        self._last_partial_at = time.monotonic()
+        self.last_activity = self._last_partial_at = time.monotonic()
         self._last_partial_text = ""
         # Barge-in: the user talks over the AI (or over its thinking); the new turn wins.
         if self._turn_task is not None and not self._turn_task.done():
@@ -586,6 +587,7 @@ class Conversation:
             "end_of_response", turn, interrupted=interrupted, text=turn.ai_text, underruns=turn.underruns
         )
         self.turns_completed += 1
+        self.last_activity = time.monotonic()
         if self._turn is turn:
             self._turn = None
         self._set_state("listening", turn)
@@ -637,6 +639,8 @@ class Conversation:
 
     async def handle_event(self, event: ClientEvent) -> None:
         data = event.data
+        if event.type != "ping":
+            self.last_activity = time.monotonic()
         if event.type == "ping":
             self.emit("pong", id=data.get("id"), t=data.get("t"))
         elif event.type == "interrupt":

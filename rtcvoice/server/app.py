@@ -20,7 +20,7 @@ from ..transports.webrtc import OfferError, RelayUnavailableError, WebRtcPeer
 from . import chat, fallback
 from .auth import Authenticator, auth_middleware, request_user
 from .bodies import json_body, optional_str
-from .calls import prepare_call
+from .calls import call_limits, prepare_call
 from .errors import ApiError, json_errors
 from .keys import AUTH, ENGINES, ICE, REALTIME, SESSIONS, SETTINGS, STORE
 from .sessions import SessionRegistry, VoiceSession, session_for
@@ -178,6 +178,14 @@ async def session_start(request: web.Request) -> web.Response:
     user = request_user(request)
     if user is None:
         user = optional_str(body, "user_id", 200)  # unauthenticated mode: the app may name its user
+    limit = request.app[SETTINGS].max_sessions_per_user
+    if user is not None and registry.count_for(user) >= limit:
+        raise ApiError(
+            429,
+            "too_many_sessions_for_user",
+            f"This user already has {limit} calls open; end one first.",
+            {"Retry-After": "5"},
+        )
     thread_id = optional_str(body, "thread_id", 200)
     store = request.app[STORE]
     thread = (
@@ -234,16 +242,18 @@ async def session_offer(request: web.Request) -> web.Response:
         make_conversation=make_conversation,
         executor=app[ENGINES].audio_executor,
         jitter_frames=app[SETTINGS].jitter_buffer_frames,
+        limits=call_limits(app[SETTINGS]),
+        max_media_sections=app[SETTINGS].max_media_sections,
     )
     registry = app[SESSIONS]
     registry.attach(session, peer, recorder)
     try:
         answer = await peer.answer(sdp, kind)
     except OfferError as exc:
-        await registry.end(session.id, "bad offer")
+        await registry.end(session.id, "bad_offer")
         raise ApiError(400, "invalid_sdp", str(exc)) from None
     except RelayUnavailableError as exc:
-        await registry.end(session.id, "no TURN relay")
+        await registry.end(session.id, "relay_unavailable")
         raise ApiError(503, "relay_unavailable", str(exc), {"Retry-After": "5"}) from None
     return web.json_response({"sdp": answer.sdp, "type": answer.type, "session_id": session.id})
 
@@ -254,5 +264,5 @@ async def session_end(request: web.Request) -> web.Response:
     if not isinstance(session_id, str):
         raise ApiError(400, "invalid_field", "Send {'session_id': <id>}.")
     session_for(request.app[SESSIONS], session_id, request_user(request))
-    await request.app[SESSIONS].end(session_id, "ended by client")
+    await request.app[SESSIONS].end(session_id, "client_hangup")
     return web.json_response({"session_id": session_id, "ended": True})

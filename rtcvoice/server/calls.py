@@ -8,8 +8,21 @@ from typing import Any
 from aiohttp import web
 
 from ..conversation import AudioSink, Conversation
+from ..settings import Settings
+from ..transports.limits import CallLimits
 from .keys import ENGINES, SETTINGS, STORE
 from .threads import ThreadRecorder, load_history
+
+
+def call_limits(settings: Settings) -> CallLimits:
+    return CallLimits(
+        max_call_s=settings.max_call_s,
+        idle_timeout_s=settings.idle_timeout_s,
+        peer_timeout_s=settings.peer_timeout_s,
+        event_rate_per_s=settings.event_rate_per_s,
+        event_burst=max(1, int(settings.event_rate_per_s * 2)),
+    )
+
 
 ConversationFactory = Callable[[AudioSink, Callable[[dict[str, Any]], None]], Conversation]
 

@@ -19,7 +19,7 @@ from ..transports.realtime import MAX_MESSAGE_BYTES, RealtimePeer
 from ..transports.websocket import WebSocketPeer
 from .auth import request_user
 from .bodies import json_body, optional_str
-from .calls import prepare_call
+from .calls import call_limits, prepare_call
 from .errors import ApiError
 from .keys import ENGINES, REALTIME, SESSIONS, SETTINGS, STORE
 from .sessions import session_for
@@ -53,13 +53,17 @@ async def session_ws(request: web.Request) -> web.StreamResponse:
     )
     await ws.prepare(request)
     peer = WebSocketPeer(
-        session_id=session.id, ws=ws, make_conversation=make, executor=request.app[ENGINES].audio_executor
+        session_id=session.id,
+        ws=ws,
+        make_conversation=make,
+        executor=request.app[ENGINES].audio_executor,
+        limits=call_limits(request.app[SETTINGS]),
     )
     registry.attach(session, peer, recorder)
     try:
         await peer.run()
     finally:
-        await registry.end(session.id, "websocket closed")
+        await registry.end(session.id, "websocket_closed")
     return ws
 
 

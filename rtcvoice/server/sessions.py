@@ -25,7 +25,7 @@ class Peer(Protocol):
     @property
     def late_frames(self) -> int: ...
 
-    async def close(self) -> None: ...
+    async def close(self, reason: str = "ended") -> None: ...
 
 
 @dataclass
@@ -59,6 +59,9 @@ class SessionRegistry:
     def __len__(self) -> int:
         return len(self._sessions)
 
+    def count_for(self, user_id: str) -> int:
+        return sum(1 for s in self._sessions.values() if s.user_id == user_id)
+
     def get(self, session_id: str) -> VoiceSession | None:
         return self._sessions.get(session_id)
 
@@ -83,6 +86,7 @@ class SessionRegistry:
         self._watch(session.id, self._expire_unconnected(session, peer))
 
     async def end(self, session_id: str, reason: str = "ended") -> bool:
+        """Close the call once; ``reason`` is a code the client sees in ``session.ended``."""
         session = self._sessions.pop(session_id, None)
         if session is None or session.closed:
             return False
@@ -92,14 +96,14 @@ class SessionRegistry:
             watcher.cancel()
         if session.peer is not None:
             self._late_frames_closed += session.peer.late_frames
-            await session.peer.close()
+            await session.peer.close(reason)
         if session.recorder is not None:
             await session.recorder.aclose()  # every message the call produced is written
         log.info("session %s closed (%s)", session_id, reason)
         return True
 
     async def close_all(self) -> None:
-        await asyncio.gather(*(self.end(sid, "server shutdown") for sid in list(self._sessions)))
+        await asyncio.gather(*(self.end(sid, "server_shutdown") for sid in list(self._sessions)))
 
     def _watch(self, session_id: str, coro: Awaitable[None]) -> None:
         old = self._watchers.pop(session_id, None)
@@ -110,16 +114,16 @@ class SessionRegistry:
     async def _expire_unoffered(self, session: VoiceSession) -> None:
         await asyncio.sleep(self.start_timeout_s)
         if session.peer is None:
-            await self.end(session.id, f"no offer within {self.start_timeout_s:.0f} s")
+            await self.end(session.id, "offer_timeout")
 
     async def _expire_unconnected(self, session: VoiceSession, peer: Peer) -> None:
         try:
             await asyncio.wait_for(peer.connected.wait(), self.connect_timeout_s)
         except TimeoutError:
-            await self.end(session.id, f"ICE did not connect within {self.connect_timeout_s:.0f} s")
+            await self.end(session.id, "ice_timeout")
             return
         await peer.done.wait()
-        await self.end(session.id, "peer closed")
+        await self.end(session.id, "peer_closed")
 
 
 def session_for(registry: SessionRegistry, session_id: str, user_id: str | None) -> VoiceSession:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
@@ -23,6 +24,7 @@ from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from ..audio import STT_RATE, StreamResampler
 from ..conversation import AudioSink, Conversation
 from .ice import chosen_turn_server, has_relay_candidate, rtc_configuration, turn_allocation_error
+from .limits import CallLimits, RateLimiter, watchdog
 from .tracks import PacedAudioTrack
 
 log = logging.getLogger(__name__)
@@ -41,10 +43,13 @@ class RelayUnavailableError(RuntimeError):
     """The server's peer is relay-only and its TURN server gave it no relay candidate."""
 
 
-def _check_offer(sdp: str) -> None:
+def _check_offer(sdp: str, max_media_sections: int) -> None:
     if not sdp.lstrip().startswith("v=0"):
         raise OfferError("The SDP offer must start with 'v=0'.")
     media = [line.split()[0][2:] for line in sdp.splitlines() if line.startswith("m=") and line.split()]
+    if len(media) > max_media_sections:
+        # Each section costs a transceiver and its transports: a hostile offer must not get hundreds.
+        raise OfferError(f"The SDP offer has {len(media)} media sections; at most {max_media_sections} are accepted.")
     if "audio" not in media:
         raise OfferError("The SDP offer has no audio media section; rtcvoice needs the microphone as audio.")
 
@@ -60,6 +65,8 @@ class WebRtcPeer:
         jitter_frames: int = 4,
         on_closed: Callable[[WebRtcPeer], Awaitable[None]] | None = None,
         relay_only: bool = False,
+        limits: CallLimits | None = None,
+        max_media_sections: int = 4,
     ) -> None:
         self.session_id = session_id
         self._ice_servers = ice_servers
@@ -78,6 +85,10 @@ class WebRtcPeer:
         self._closed = False
         self.connected = asyncio.Event()
         self.done = asyncio.Event()
+        self.limits = limits or CallLimits()
+        self._max_media_sections = max_media_sections
+        self._rate = RateLimiter(self.limits.event_rate_per_s, self.limits.event_burst)
+        self.last_heard = time.monotonic()  # the last packet or event from the client
 
     @property
     def late_frames(self) -> int:
@@ -87,7 +98,7 @@ class WebRtcPeer:
     async def answer(self, sdp: str, type_: str = "offer") -> RTCSessionDescription:
         if type_ != "offer":
             raise OfferError("Only an SDP 'offer' can be answered.")
-        _check_offer(sdp)
+        _check_offer(sdp, self._max_media_sections)
         pc = RTCPeerConnection(rtc_configuration(self._ice_servers, relay_only=self._relay_only))
         self.pc = pc
         self.conversation = self._make_conversation(self.track, self.send)
@@ -143,6 +154,17 @@ class WebRtcPeer:
 
         @channel.on("message")
         def _message(message: str | bytes) -> None:
+            self.last_heard = time.monotonic()
+            if not self._rate.allow():
+                self.send(
+                    {
+                        "type": "error",
+                        "session_id": self.session_id,
+                        "code": "rate_limited",
+                        "message": f"At most {self.limits.event_rate_per_s:.0f} events a second; this one was dropped.",
+                    }
+                )
+                return
             try:
                 self._inbox.put_nowait(message)
             except asyncio.QueueFull:
@@ -187,6 +209,7 @@ class WebRtcPeer:
                 return
             if not isinstance(frame, av.AudioFrame):
                 continue
+            self.last_heard = time.monotonic()
             pcm = await loop.run_in_executor(self._executor, resampler.frame, frame)
             await self.conversation.push_audio(pcm)
 
@@ -194,8 +217,21 @@ class WebRtcPeer:
         assert self.pc is not None
         state = self.pc.connectionState
         log.info("session %s: connection %s", self.session_id, state)
-        if state == "connected":
+        if state == "connected" and not self.connected.is_set():
             self.connected.set()
+            self.last_heard = time.monotonic()
+            conversation = self.conversation
+            assert conversation is not None
+            self._spawn(
+                watchdog(
+                    self.limits,
+                    started=time.monotonic(),
+                    last_heard=lambda: self.last_heard,
+                    last_activity=lambda: conversation.last_activity,
+                    end=self.close,
+                ),
+                "watchdog",
+            )
         elif state in ("failed", "closed"):
             self._spawn(self.close(), "close")
 
@@ -213,10 +249,11 @@ class WebRtcPeer:
                 "session %s: task %s failed", self.session_id, task.get_name(), exc_info=task.exception()
             )
 
-    async def close(self) -> None:
+    async def close(self, reason: str = "ended") -> None:
         if self._closed:
             return
         self._closed = True
+        await self._say_goodbye(reason)
         current = asyncio.current_task()
         tasks = [t for t in self._tasks if t is not current]
         for task in tasks:
@@ -230,6 +267,19 @@ class WebRtcPeer:
         self.done.set()
         if self._on_closed is not None:
             await self._on_closed(self)
+
+
+    async def _say_goodbye(self, reason: str) -> None:
+        """Tell the client why the call ends, and give the message a moment to leave."""
+        channel = self._channel
+        if channel is None or channel.readyState != "open":
+            return
+        self.send({"type": "session.ended", "session_id": self.session_id, "reason": reason})
+        for _ in range(25):  # the SCTP transport sends asynchronously; up to 0.5 s
+            if channel.bufferedAmount == 0:
+                break
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(0.05)
 
 
 def _set_jitter_buffer(receiver: Any, frames: int) -> None:

@@ -20,6 +20,7 @@ from aiohttp import WSMsgType, web
 
 from ..audio import Int16Audio
 from ..conversation import AudioSink, Conversation
+from .limits import CallLimits, RateLimiter, watchdog
 from .tracks import Playhead
 
 log = logging.getLogger(__name__)
@@ -91,6 +92,7 @@ class WebSocketPeer:
         ws: web.WebSocketResponse,
         make_conversation: ConversationFactory,
         executor: Any = None,
+        limits: CallLimits | None = None,
     ) -> None:
         self.session_id = session_id
         self.ws = ws
@@ -103,6 +105,8 @@ class WebSocketPeer:
         self.done = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._closed = False
+        self.limits = limits or CallLimits()
+        self._rate = RateLimiter(self.limits.event_rate_per_s, self.limits.event_burst)
 
     @property
     def late_frames(self) -> int:
@@ -112,9 +116,22 @@ class WebSocketPeer:
         self._outbox.put_nowait(json.dumps(event, separators=(",", ":")))
 
     async def run(self) -> None:
+        conversation = self.conversation
         self._tasks = [
             asyncio.create_task(self._write_loop(), name=f"ws-out-{self.session_id}"),
             asyncio.create_task(self._pace_loop(), name=f"ws-pace-{self.session_id}"),
+            # A vanished client is the heartbeat's to notice (aiohttp closes the socket when its
+            # pings go unanswered); the watchdog keeps the length and idle limits.
+            asyncio.create_task(
+                watchdog(
+                    self.limits,
+                    started=time.monotonic(),
+                    last_heard=time.monotonic,
+                    last_activity=lambda: conversation.last_activity,
+                    end=self.close,
+                ),
+                name=f"ws-watchdog-{self.session_id}",
+            ),
         ]
         self.conversation.start()
         try:
@@ -122,7 +139,17 @@ class WebSocketPeer:
                 if msg.type == WSMsgType.BINARY:
                     await self._on_audio(msg.data)
                 elif msg.type == WSMsgType.TEXT:
-                    await self.conversation.handle_client_message(msg.data)
+                    if self._rate.allow():
+                        await self.conversation.handle_client_message(msg.data)
+                    else:
+                        self._send_event(
+                            {
+                                "type": "error",
+                                "session_id": self.session_id,
+                                "code": "rate_limited",
+                                "message": f"At most {self.limits.event_rate_per_s:.0f} events a second; this one was dropped.",
+                            }
+                        )
                 elif msg.type == WSMsgType.ERROR:
                     log.info("session %s: websocket error %s", self.session_id, self.ws.exception())
                     break
@@ -160,11 +187,12 @@ class WebSocketPeer:
             self.sink.pump()
             await asyncio.sleep(CHUNK_S / 2)
 
-    async def close(self) -> None:
+    async def close(self, reason: str = "ended") -> None:
         if self._closed:
             return
         self._closed = True
         await self.conversation.aclose()
+        self._send_event({"type": "session.ended", "session_id": self.session_id, "reason": reason})
         # Let what is already queued (the last events of the call) reach the client.
         self._outbox.put_nowait(None)
         if self._tasks:
@@ -172,9 +200,11 @@ class WebSocketPeer:
                 await asyncio.wait_for(asyncio.shield(self._tasks[0]), 1.0)
             except (TimeoutError, ConnectionError):
                 log.info("session %s: could not deliver the last events", self.session_id)
+        current = asyncio.current_task()
         for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+            if task is not current:
+                task.cancel()
+        await asyncio.gather(*(t for t in self._tasks if t is not current), return_exceptions=True)
         if not self.ws.closed:
             await self.ws.close()
         self.done.set()

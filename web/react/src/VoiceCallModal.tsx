@@ -88,6 +88,12 @@ export function VoiceCallModal({ call, title = "Voice call", allowTyping = true 
         <h2 id="rtcvoice-modal-title">{title}</h2>
         <p className="rtcvoice-status" role="status" data-state={call.aiState ?? call.status}>
           {statusLabel(call.status, call.aiState)}
+          {call.isConnected && call.transport === "websocket" ? (
+            <small className="rtcvoice-transport" title="This browser has no WebRTC (or it was turned off): the audio goes over a WebSocket.">
+              {" "}
+              · via WebSocket
+            </small>
+          ) : null}
         </p>
 
         {call.error ? (

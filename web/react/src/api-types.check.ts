@@ -19,8 +19,14 @@ export async function checks(): Promise<void> {
   call.updateSession({ speed: "fast" });
   // @ts-expect-error transports are a closed set
   createCall({ transport: "carrier-pigeon" });
+  createCall({ transport: "websocket" });
+  const transport: "webrtc" | "websocket" | null = call.transport;
+  // @ts-expect-error websocketStats is null on WebRTC calls
+  call.websocketStats.secondsPlayed.toFixed(1);
+  call.send({ type: "end_of_input" });
   call.send({ type: "text_message", content: "hi" });
   // @ts-expect-error a text_message needs content
   call.send({ type: "text_message" });
+  void transport;
   await call.hangUp();
 }

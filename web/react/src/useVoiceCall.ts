@@ -20,6 +20,7 @@ import {
   type ServerEvent,
   type SessionUpdate,
   type TranscriptEntry,
+  type Transport,
   type VoiceCall,
 } from "../../rtcvoice.js";
 
@@ -50,6 +51,8 @@ export interface VoiceCallState {
   lastMetrics: MetricsEvent | null;
   error: RtcVoiceError | null;
   sessionId: string | null;
+  /** "webrtc", or "websocket" where the browser has no WebRTC (or it was asked for); null before connecting. */
+  transport: Transport | null;
 }
 
 export interface UseVoiceCall extends VoiceCallState {
@@ -79,6 +82,7 @@ const INITIAL: VoiceCallState = {
   lastMetrics: null,
   error: null,
   sessionId: null,
+  transport: null,
 };
 
 function lastText(entries: TranscriptEntry[], role: TranscriptEntry["role"]): string {
@@ -122,6 +126,7 @@ export function useVoiceCall(options: UseVoiceCallOptions = {}): UseVoiceCall {
         isConnected: event.state === "connected",
         isReconnecting: event.state === "reconnecting",
         sessionId: event.sessionId,
+        transport: call.transport,
         aiState: over ? null : call.state,
       });
       if (over) callRef.current = null;
