@@ -63,11 +63,14 @@ class Settings:
     )
     ice_connect_timeout_s: float = _opt(30.0, "Close a session whose ICE does not connect within this time.")
     max_sessions: int = _opt(32, "Maximum concurrent sessions; more get 503.")
-    max_sessions_per_user: int = _opt(4, "Concurrent sessions one user may hold (when users are known); more get 429.")
+    max_sessions_per_user: int = _opt(
+        4, "Concurrent sessions one user may hold (when users are known); more get 429."
+    )
     max_call_s: float = _opt(3600.0, "A call is ended after this long.")
     idle_timeout_s: float = _opt(600.0, "A call in which nobody speaks or types for this long is ended.")
     peer_timeout_s: float = _opt(
-        15.0, "A call whose client sends nothing (no audio, no events) for this long is ended: the peer is gone."
+        15.0,
+        "A call whose client sends nothing (no audio, no events) for this long is ended: the peer is gone.",
     )
     event_rate_per_s: float = _opt(20.0, "Client events allowed per second per call (after a burst of 40).")
     max_media_sections: int = _opt(4, "SDP offers with more media sections are refused.")

@@ -491,11 +491,16 @@ async def test_the_websocket_transport_can_be_forced_and_interrupted_reconnected
             "You said: Are you still there?", timeout=60_000
         )
 
-        # The server ends the call: shown as ended, not reconnected.
+        # The server ends the call: shown as ended (with the server's reason), not reconnected.
+        await page.evaluate(
+            "() => { window.rtcvoiceDemo.call.on('connection', (e) => { window.lastConnection = e; }); }"
+        )
         async with aiohttp.ClientSession() as http:
             await http.post(f"{url}{API}/session/end", json={"session_id": second})
         await call.expect_state("closed")
         assert "The server ended the call." in await call.alert()
+        ended = await page.evaluate("({reason: lastConnection.reason, server: lastConnection.serverReason})")
+        assert ended == {"reason": "remote", "server": "client_hangup"}, ended
         assert await call.microphone_released()
         assert await eventually(lambda: _session_gone(app, second))
         assert not call.page_errors, call.page_errors

@@ -35,6 +35,13 @@ const ui = {
 
 const TRANSPORT_TEXT = { webrtc: "WebRTC", websocket: "WebSocket" };
 
+// The server's session.ended reasons that deserve more than "the server ended the call".
+const ENDED_TEXT = {
+  max_call_length: "The call reached the server's time limit and was ended. Start a new call to go on.",
+  idle: "The call was ended after a long time with nobody speaking or typing. Start a new call to go on.",
+  server_shutdown: "The voice server is restarting, so the call was ended. Start it again in a moment.",
+};
+
 const STATUS_TEXT = {
   idle: "Ready",
   connecting: "Connecting…",
@@ -250,7 +257,9 @@ function onConnection(current, e) {
       setInCall(false);
       setTransport(null);
       stopMeters();
-      if (e.state === "closed" && e.reason === "remote") showAlert("The server ended the call.", { kind: "info" });
+      if (e.state === "closed" && e.reason === "remote") {
+        showAlert(ENDED_TEXT[e.serverReason] ?? "The server ended the call.", { kind: "info" });
+      }
       call = null;
       break;
     default:

@@ -27,6 +27,16 @@ export interface SessionStartedEvent extends ServerEventBase {
   sample_rate: number;
 }
 
+/** The server is ending the call (its connection closes next). */
+export interface SessionEndedEvent extends ServerEventBase {
+  type: "session.ended";
+  /**
+   * A code: "client_hangup", "max_call_length", "idle", "peer_timeout", "server_shutdown",
+   * "websocket_closed", ...
+   */
+  reason: string;
+}
+
 export interface SessionUpdatedEvent extends ServerEventBase {
   type: "session.updated";
   voice: string;
@@ -120,6 +130,7 @@ export interface PongEvent extends ServerEventBase {
 
 export type ServerEvent =
   | SessionStartedEvent
+  | SessionEndedEvent
   | SessionUpdatedEvent
   | StateEvent
   | SpeechStartedEvent
@@ -232,6 +243,8 @@ export interface ConnectionEvent {
    * ("ice_failed", "ice_disconnected", or "socket_closed" for the WebSocket transport).
    */
   reason?: string;
+  /** With reason "remote": the server's `session.ended` reason, when it said one. */
+  serverReason?: string;
   attempt?: number;
   attempts?: number;
   reconnected?: boolean;
@@ -327,6 +340,7 @@ export interface VoiceCallEvents {
   /** Every server event, whatever its type. */
   event: ServerEvent;
   "session.started": SessionStartedEvent;
+  "session.ended": SessionEndedEvent;
   "session.updated": SessionUpdatedEvent;
   state: StateEvent;
   speech_started: SpeechStartedEvent;

@@ -269,6 +269,7 @@ class PcmDownsampler {
     this.buffer = new Float32Array(4 * this.taps + 8192);
     this.length = half; // starts with `half` samples of silence as history
     this.position = half - 1; // input index (fractional) of the next output sample
+    this.frameSamples = frameSamples;
     this.frame = new Int16Array(frameSamples);
     this.filled = 0;
   }
@@ -293,9 +294,9 @@ class PcmDownsampler {
       for (let k = 0; k < taps; k++) y += buffer[first + k] * table[row + k];
       y = y > 1 ? 1 : y < -1 ? -1 : y;
       this.frame[this.filled++] = Math.round(y < 0 ? y * 32768 : y * 32767);
-      if (this.filled === this.frame.length) {
-        this.onFrame(this.frame);
-        this.frame = new Int16Array(this.frame.length);
+      if (this.filled === this.frameSamples) {
+        this.onFrame(this.frame); // may transfer (detach) its buffer
+        this.frame = new Int16Array(this.frameSamples);
         this.filled = 0;
       }
       this.position += this.step;
@@ -634,6 +635,7 @@ export class VoiceCall extends Emitter {
     this._audio = null;
     this._closed = false;
     this._reconnecting = false;
+    this._endedReason = null; // from the server's session.ended, just before it closes
     this._disconnectTimer = null;
     this._pending = [];
     this._sessionPatch = {};
@@ -847,6 +849,8 @@ export class VoiceCall extends Emitter {
     } finally {
       clearTimeout(timer);
     }
+    // Closed while the worklet loaded: its close event has been and gone.
+    if (ws.readyState !== 1) throw new RtcVoiceError("websocket_failed", MESSAGES.websocket_failed);
     // Up: from here on a failure is handled by reconnecting.
     ws.onclose = (event) => this._onSocketClosed(ws, event);
     audio.announce();
@@ -1059,6 +1063,9 @@ export class VoiceCall extends Emitter {
       case "state":
         this.state = event.state;
         break;
+      case "session.ended":
+        this._endedReason = typeof event.reason === "string" ? event.reason : "ended";
+        break;
       case "speech_started":
         // Barge-in: the server stops sending; what is buffered here must stop too.
         if (this._audio?.playing) this._audio.flush();
@@ -1094,6 +1101,10 @@ export class VoiceCall extends Emitter {
   _onConnectionState(pc) {
     if (pc !== this.peerConnection || this._closed || this._reconnecting) return;
     const state = pc.connectionState;
+    if (this._endedReason && (state === "failed" || state === "disconnected" || state === "closed")) {
+      this._endedByServer(); // the server said it ended the call: not a network to recover
+      return;
+    }
     if (state === "connected") {
       clearTimeout(this._disconnectTimer);
       this._disconnectTimer = null;
@@ -1111,23 +1122,25 @@ export class VoiceCall extends Emitter {
 
   _onChannelClosed(pc) {
     if (pc !== this.peerConnection || this._closed || this._reconnecting) return;
-    if (pc.connectionState === "failed" || pc.connectionState === "disconnected") {
+    if (!this._endedReason && (pc.connectionState === "failed" || pc.connectionState === "disconnected")) {
       this._transportLost("ice_failed");
       return;
     }
-    // The server closed the channel on a healthy network: it ended the call.
+    // The server closed the channel on a healthy network (or said session.ended): it ended the call.
+    this._endedByServer();
+  }
+
+  _endedByServer() {
     this._closed = true;
     this._teardown();
-    this._setConnection("closed", { reason: "remote" });
+    this._setConnection("closed", { reason: "remote", serverReason: this._endedReason ?? undefined });
   }
 
   _onSocketClosed(ws, event) {
     if (ws !== this._socket || this._closed || this._reconnecting) return;
-    if (event.code === WS_NORMAL_CLOSURE) {
+    if (event.code === WS_NORMAL_CLOSURE || this._endedReason) {
       // The server closed the socket on purpose: it ended the call.
-      this._closed = true;
-      this._teardown();
-      this._setConnection("closed", { reason: "remote" });
+      this._endedByServer();
       return;
     }
     this._transportLost("socket_closed");
@@ -1161,6 +1174,7 @@ export class VoiceCall extends Emitter {
         await this._establish();
         if (this._closed) return;
         this._reconnecting = false;
+        this._endedReason = null;
         this.state = null;
         this._setConnection("connected", { reconnected: true, attempt });
         this._flushPending();

@@ -219,6 +219,7 @@ class Conversation:
         self._speculation: Turn | None = None
         self._side_tasks: set[asyncio.Task[Any] | asyncio.Future[Any]] = set()
         self._closed = False
+        self._closing = False
         self.turns_completed = 0
         self.last_activity = time.monotonic()  # the last time anyone said or typed anything
 
@@ -727,8 +728,11 @@ class Conversation:
         task.add_done_callback(self._side_tasks.discard)
 
     async def aclose(self) -> None:
-        if self._closed:
+        if self._closing:
             return
+        self._closing = True
+        # A reply cut short by the end of the call is kept as far as it was heard, as on barge-in.
+        await self.interrupt(reason="call_ended")
         self._closed = True
         tasks = [t for t in (self._turn_task, self._partial_task, *self._side_tasks) if t is not None]
         for task in tasks:

@@ -49,7 +49,9 @@ def _check_offer(sdp: str, max_media_sections: int) -> None:
     media = [line.split()[0][2:] for line in sdp.splitlines() if line.startswith("m=") and line.split()]
     if len(media) > max_media_sections:
         # Each section costs a transceiver and its transports: a hostile offer must not get hundreds.
-        raise OfferError(f"The SDP offer has {len(media)} media sections; at most {max_media_sections} are accepted.")
+        raise OfferError(
+            f"The SDP offer has {len(media)} media sections; at most {max_media_sections} are accepted."
+        )
     if "audio" not in media:
         raise OfferError("The SDP offer has no audio media section; rtcvoice needs the microphone as audio.")
 
@@ -267,7 +269,6 @@ class WebRtcPeer:
         self.done.set()
         if self._on_closed is not None:
             await self._on_closed(self)
-
 
     async def _say_goodbye(self, reason: str) -> None:
         """Tell the client why the call ends, and give the message a moment to leave."""
