@@ -76,8 +76,8 @@ class Level:
     concurrency: int
     turns: list[Turn]
     wall_s: float
-    cpu_s_per_call: float
-    rss_mb: float
+    cpu_s_per_call: float | None
+    rss_mb: float | None
     late_frames: int
     failed_calls: int = 0
 
@@ -181,11 +181,18 @@ async def run_level(server: str, questions: list[tuple[str, Int16Audio, int]], c
         concurrency=concurrency,
         turns=turns,
         wall_s=round(wall, 1),
-        cpu_s_per_call=round((after["process"]["cpu_s"] - before["process"]["cpu_s"]) / concurrency, 2),
-        rss_mb=after["process"]["rss_mb"],
+        cpu_s_per_call=_cpu_per_call(before, after, concurrency),
+        rss_mb=after.get("process", {}).get("rss_mb"),
         late_frames=int(after.get("late_frames", 0)) - int(before.get("late_frames", 0)),
         failed_calls=len(failed),
     )
+
+
+def _cpu_per_call(before: dict[str, Any], after: dict[str, Any], calls: int) -> float | None:
+    """Server CPU seconds per call, when the server reports its process stats (older ones do not)."""
+    if "process" not in before or "process" not in after:
+        return None
+    return round((float(after["process"]["cpu_s"]) - float(before["process"]["cpu_s"])) / calls, 2)
 
 
 def capacity(levels: list[Level]) -> int:

@@ -100,3 +100,22 @@ async def test_flush_drops_queued_audio_and_reports_what_was_heard() -> None:
     assert not frame.to_ndarray().any()
     assert await track.wait_played(track.written) is True
     track.stop()
+
+
+def test_the_context_window_moves_in_steps_and_starts_with_the_user() -> None:
+    from rtcvoice.conversation.history import context_window
+    from rtcvoice.engines.base import ChatMessage
+
+    def history(n: int) -> list[ChatMessage]:
+        return [{"role": "user" if i % 2 == 0 else "assistant", "content": str(i)} for i in range(n)]
+
+    assert context_window(history(6), 10) == history(6)
+    starts = [context_window(history(n), 10)[0]["content"] for n in range(11, 25)]
+    # The first message stays the same while five messages are added (a reusable prompt
+    # prefix), where a sliding window would change it with every message...
+    assert starts == ["6"] * 4 + ["10"] * 5 + ["16"] * 5
+    # ...and the window never holds more than asked, nor opens with an answer.
+    for n in range(1, 60):
+        window = context_window(history(n), 10)
+        assert len(window) <= 10 and window[0]["role"] == "user"
+    assert context_window(history(5), 0) == []

@@ -38,6 +38,7 @@ from ..engines.base import AgentContext, ChatMessage, EngineError, Engines
 from ..engines.vad import WINDOW, WINDOW_MS, VadStream
 from ..settings import Settings
 from .chunker import SentenceChunker
+from .history import context_window
 from .events import ClientEvent, EventError, parse_client_event
 from .turns import TurnDetector, TurnEvent
 
@@ -368,6 +369,10 @@ class Conversation:
             return
         if self._partial_task is not None and not self._partial_task.done():
             return  # the previous partial is still running: skip rather than queue behind it
+        if getattr(self.engines.stt, "pending", 0) > 0:
+            # The shared model is busy (another call's turn, or its partial): a partial is a
+            # nicety, and queueing it would delay someone's final transcript.
+            return
         self._last_partial_at = now
         audio = np.concatenate(self._utterance)
         self._partial_task = asyncio.create_task(self._partial(audio), name=f"partial-{self.session_id}")
@@ -446,7 +451,7 @@ class Conversation:
     async def _respond(self, turn: Turn) -> None:
         """Stream the agent's reply for the turn whose user message ends ``history``."""
         messages: list[ChatMessage] = [{"role": "system", "content": self.config.instructions}]
-        messages += self.history[-self.settings.max_history_messages :]
+        messages += context_window(self.history, self.settings.max_history_messages)
         context = AgentContext(self.session_id, self.thread_id, self.user_id, self.config.language)
         self._set_state("thinking", turn)
 

@@ -14,6 +14,7 @@ from aiohttp import web
 from ..audio import float_to_int16, write_wav
 from ..conversation.conversation import aclose_stream
 from ..conversation.events import MAX_TEXT_CHARS
+from ..conversation.history import context_window
 from ..engines.base import AgentContext, ChatMessage, EngineError
 from ..transports.realtime import MAX_MESSAGE_BYTES, RealtimePeer
 from ..transports.websocket import WebSocketPeer
@@ -138,7 +139,7 @@ async def process_transcript(request: web.Request) -> web.Response:
     )
     history = await load_history(store, thread.id)
     messages: list[ChatMessage] = [{"role": "system", "content": settings.system_prompt}]
-    messages += history[-settings.max_history_messages :]
+    messages += context_window(history, settings.max_history_messages)
     messages.append({"role": "user", "content": transcript.strip()})
     user_message = await store.add_message(thread.id, "user", transcript.strip(), content_type="voice")
     context = AgentContext(session_id=f"http-{user_message.id}", thread_id=thread.id, user_id=user)

@@ -52,6 +52,7 @@ class WhisperStt:
         self._executor = ThreadPoolExecutor(max_workers=max(1, concurrency), thread_name_prefix="stt")
         self._model: Any = None
         self._load_lock = asyncio.Lock()
+        self.pending = 0  # transcriptions queued or running: callers skip optional work when busy
 
     def _load(self) -> Any:
         from faster_whisper import WhisperModel
@@ -100,10 +101,13 @@ class WhisperStt:
         if audio.size == 0:
             return ""
         loop = asyncio.get_running_loop()
+        self.pending += 1
         try:
             return await loop.run_in_executor(self._executor, self._transcribe, model, audio, language)
         except Exception as exc:
             raise SttError(f"Transcription failed: {exc}") from exc
+        finally:
+            self.pending -= 1
 
     async def warm_up(self) -> None:
         await self.transcribe(np.zeros(16_000, dtype=np.float32))
