@@ -252,6 +252,19 @@ async def test_a_call_at_its_maximum_length_is_ended_with_a_reason(start_server:
     assert ended["reason"] == "max_call_length"
 
 
+async def test_a_call_where_nobody_speaks_is_ended_as_idle(start_server: ServerFactory) -> None:
+    url = await start_server(agent=echo_agent(), idle_timeout_s=1.5)
+    client = VoiceCallClient(url)
+    await client.connect()
+    try:
+        client.send({"type": "ping", "id": 1})  # pings keep the link alive, not the conversation
+        ended = await client.wait_for(lambda e: e.get("type") == "session.ended", 15)
+    finally:
+        await client.close(end_session=False)
+    assert ended["reason"] == "idle"
+    assert client.of_type("pong")
+
+
 async def test_a_vanished_peer_is_dropped_within_the_timeout(start_server: ServerFactory) -> None:
     """The client's network goes dead without a goodbye: no packet, no event, no close."""
     url = await start_server(agent=echo_agent(), peer_timeout_s=2.0)
