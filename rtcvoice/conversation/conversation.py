@@ -38,8 +38,8 @@ from ..engines.base import AgentContext, ChatMessage, EngineError, Engines
 from ..engines.vad import WINDOW, WINDOW_MS, VadStream
 from ..settings import Settings
 from .chunker import SentenceChunker
-from .history import context_window
 from .events import ClientEvent, EventError, parse_client_event
+from .history import context_window
 from .turns import TurnDetector, TurnEvent
 
 log = logging.getLogger(__name__)

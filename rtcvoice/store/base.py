@@ -171,6 +171,29 @@ def log_orphaned_failure(done: asyncio.Future[Any]) -> None:
         log.error("a store write whose caller was cancelled failed: %s", exc, exc_info=exc)
 
 
+def draft_message(
+    thread_id: str,
+    role: str,
+    content: str,
+    content_type: str,
+    interrupted: bool,
+    session_id: str | None,
+    turn_id: str | None,
+) -> StoredMessage:
+    """A checked message, not yet stored (``created_at`` is the store's to stamp)."""
+    return StoredMessage(
+        id=new_id(),
+        thread_id=thread_id,
+        role=check_role(role),
+        content=content,
+        content_type=check_content_type(content_type),
+        interrupted=bool(interrupted),
+        session_id=check_optional_id(session_id, "session_id"),
+        turn_id=check_optional_id(turn_id, "turn_id"),
+        created_at=0.0,
+    )
+
+
 def new_id() -> str:
     return str(uuid.uuid4())
 

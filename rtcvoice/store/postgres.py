@@ -24,11 +24,10 @@ from .base import (
     Thread,
     ThreadExists,
     ThreadNotFound,
-    check_content_type,
     check_id,
     check_limit,
     check_optional_id,
-    check_role,
+    draft_message,
     log_orphaned_failure,
     message_from_row,
     new_id,
@@ -217,17 +216,8 @@ class PostgresStore:
         session_id: str | None = None,
         turn_id: str | None = None,
     ) -> StoredMessage:
-        message = StoredMessage(
-            id=new_id(),
-            thread_id=thread_id,
-            role=check_role(role),
-            content=content,
-            content_type=check_content_type(content_type),
-            interrupted=bool(interrupted),
-            session_id=check_optional_id(session_id, "session_id"),
-            turn_id=check_optional_id(turn_id, "turn_id"),
-            created_at=0.0,  # stamped inside the transaction
-        )
+        # created_at is stamped when the row is written: inside the transaction.
+        message = draft_message(thread_id, role, content, content_type, interrupted, session_id, turn_id)
 
         async def work(conn: asyncpg.Connection) -> StoredMessage:
             now = self._clock.now()
