@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import os
+import socket
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp import web
 from fake_openai import FakeOpenAI
@@ -83,3 +89,49 @@ def openai_agent(fake: FakeOpenAI, **overrides: Any) -> OpenAIChatAgent:
 
 def echo_agent() -> EchoAgent:
     return EchoAgent()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def serve_process(db: Path, fake: FakeOpenAI) -> tuple[subprocess.Popen[bytes], str]:
+    """``rtcvoice serve`` as its own process (for signals), answering with ``fake``, once healthy."""
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RTCVOICE_", "OPENAI_"))}
+    proc = await asyncio.to_thread(
+        subprocess.Popen,
+        [
+            sys.executable,
+            "-m",
+            "rtcvoice",
+            "serve",
+            "--port",
+            str(port),
+            "--db-path",
+            str(db),
+            "--agent",
+            "openai",
+            "--openai-base-url",
+            fake.base_url,
+            "--llm-model",
+            "fake",
+            "--log-level",
+            "WARNING",
+        ],
+        env=env,
+    )
+    url = f"http://127.0.0.1:{port}"
+    async with aiohttp.ClientSession() as http:
+        for _ in range(600):
+            try:
+                async with http.get(f"{url}/api/v1/voice/health") as resp:
+                    if resp.status == 200:
+                        return proc, url
+            except aiohttp.ClientError:
+                pass
+            assert proc.poll() is None, "the server exited"
+            await asyncio.sleep(0.2)
+    raise AssertionError("the server did not start")

@@ -10,8 +10,6 @@ import logging
 import os
 import resource
 import signal
-import socket
-import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -22,7 +20,7 @@ import aiohttp
 import numpy as np
 import pytest
 from aiortc import RTCPeerConnection
-from conftest import BASE_SETTINGS, ServerFactory, echo_agent, openai_agent
+from conftest import BASE_SETTINGS, ServerFactory, echo_agent, openai_agent, serve_process
 from fake_openai import FakeOpenAI
 from speech import speak
 from test_conversation import make, of, talk, until
@@ -290,52 +288,14 @@ async def test_a_vanished_peer_is_dropped_within_the_timeout(start_server: Serve
 
 
 # -- shutdown ---------------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 async def test_sigterm_ends_every_call_cleanly_and_keeps_what_was_said(
     tmp_path: Path, fake_openai: FakeOpenAI
 ) -> None:
     db = tmp_path / "calls.db"
     fake_openai.reply = "This answer takes a long time to say, sentence after sentence. " * 6
-    port = _free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RTCVOICE_", "OPENAI_"))}
-    proc = await asyncio.to_thread(
-        subprocess.Popen,
-        [
-            sys.executable,
-            "-m",
-            "rtcvoice",
-            "serve",
-            "--port",
-            str(port),
-            "--db-path",
-            str(db),
-            "--agent",
-            "openai",
-            "--openai-base-url",
-            fake_openai.base_url,
-            "--llm-model",
-            "fake",
-            "--log-level",
-            "WARNING",
-        ],
-        env=env,
-    )
-    url = f"http://127.0.0.1:{port}"
+    proc, url = await serve_process(db, fake_openai)
     clients = [VoiceCallClient(url), VoiceCallClient(url)]
     try:
-        async with aiohttp.ClientSession() as http:
-            for _ in range(600):
-                try:
-                    async with http.get(f"{url}{API}/health") as resp:
-                        if resp.status == 200:
-                            break
-                except aiohttp.ClientError:
-                    await asyncio.sleep(0.2)
         for client in clients:
             await client.connect()
             client.send({"type": "text_message", "content": "Tell me a long story."})

@@ -6,18 +6,14 @@ import asyncio
 import base64
 import io
 import json
-import os
 import signal
-import socket
-import subprocess
-import sys
 import wave
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import numpy as np
-from conftest import ServerFactory, openai_agent
+from conftest import ServerFactory, openai_agent, serve_process
 from fake_openai import FakeOpenAI
 from pg import PostgresCluster
 from speech import speak, wer
@@ -217,56 +213,11 @@ async def test_process_transcript_answers_over_plain_http_in_the_thread(
     ]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-async def _serve(db: Path, fake: FakeOpenAI) -> tuple[subprocess.Popen[bytes], str]:
-    port = _free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RTCVOICE_", "OPENAI_"))}
-    proc = await asyncio.to_thread(
-        subprocess.Popen,
-        [
-            sys.executable,
-            "-m",
-            "rtcvoice",
-            "serve",
-            "--port",
-            str(port),
-            "--db-path",
-            str(db),
-            "--agent",
-            "openai",
-            "--openai-base-url",
-            fake.base_url,
-            "--llm-model",
-            "fake",
-            "--log-level",
-            "WARNING",
-        ],
-        env=env,
-    )
-    url = f"http://127.0.0.1:{port}"
-    async with aiohttp.ClientSession() as http:
-        for _ in range(600):
-            try:
-                async with http.get(f"{url}{API}/health") as resp:
-                    if resp.status == 200:
-                        return proc, url
-            except aiohttp.ClientError:
-                pass
-            assert proc.poll() is None, "the server exited"
-            await asyncio.sleep(0.2)
-    raise AssertionError("the server did not start")
-
-
 async def test_sigkill_mid_call_loses_no_stored_turn(tmp_path: Path, fake_openai: FakeOpenAI) -> None:
     db = tmp_path / "calls.db"
     fake_openai.reply = lambda msgs: A1 if len(msgs) <= 2 else "Let me think about that for a while. " * 5
     fake_openai.token_delay = 0.3  # the second reply is still streaming when the server dies
-    proc, url = await _serve(db, fake_openai)
+    proc, url = await serve_process(db, fake_openai)
     client = VoiceCallClient(url)
     try:
         await client.connect()
@@ -298,7 +249,7 @@ async def test_sigkill_mid_call_loses_no_stored_turn(tmp_path: Path, fake_openai
     ]
 
     # A restarted server serves the same thread.
-    proc, url = await _serve(db, fake_openai)
+    proc, url = await serve_process(db, fake_openai)
     try:
         async with aiohttp.ClientSession() as http:
             assert [m["content"] for m in await messages(http, url, thread)] == [finals[0], A1, finals[1]]
