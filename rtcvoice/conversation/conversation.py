@@ -18,7 +18,7 @@ import logging
 import time
 import uuid
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
@@ -394,11 +394,15 @@ class Conversation:
         self._partial_task = None
 
     # -- turns ------------------------------------------------------------------------------------
-    def _start_turn(self, turn: Turn, work: Awaitable[None]) -> None:
+    def _start_turn(self, turn: Turn, work: Coroutine[Any, Any, None]) -> None:
         self._turn = turn
-        self._turn_task = asyncio.create_task(self._run_turn(turn, work), name=f"turn-{turn.id}")
+        task = asyncio.create_task(self._run_turn(turn, work), name=f"turn-{turn.id}")
+        # A turn cancelled before it ran (barge-in on the next window) never started ``work``:
+        # close it, so it is not left behind unawaited. After a run, closing is a no-op.
+        task.add_done_callback(lambda _task: work.close())
+        self._turn_task = task
 
-    async def _run_turn(self, turn: Turn, work: Awaitable[None]) -> None:
+    async def _run_turn(self, turn: Turn, work: Coroutine[Any, Any, None]) -> None:
         try:
             await work
         except asyncio.CancelledError:
