@@ -124,14 +124,19 @@ async def serve_process(db: Path, fake: FakeOpenAI) -> tuple[subprocess.Popen[by
         env=env,
     )
     url = f"http://127.0.0.1:{port}"
-    async with aiohttp.ClientSession() as http:
-        for _ in range(600):
-            try:
-                async with http.get(f"{url}/api/v1/voice/health") as resp:
-                    if resp.status == 200:
-                        return proc, url
-            except aiohttp.ClientError:
-                pass
-            assert proc.poll() is None, "the server exited"
-            await asyncio.sleep(0.2)
-    raise AssertionError("the server did not start")
+    try:
+        async with aiohttp.ClientSession() as http:
+            for _ in range(600):
+                try:
+                    async with http.get(f"{url}/api/v1/voice/health") as resp:
+                        if resp.status == 200:
+                            return proc, url
+                except aiohttp.ClientError:
+                    pass
+                assert proc.poll() is None, "the server exited"
+                await asyncio.sleep(0.2)
+        raise AssertionError("the server did not start")
+    except BaseException:
+        proc.kill()  # a server that never became ready must not outlive the test
+        await asyncio.to_thread(proc.wait, 10)
+        raise
