@@ -760,6 +760,10 @@ class Conversation:
         self._side_tasks.clear()
 
 
+# A transport builds its call's Conversation from its own sink and event sender.
+ConversationFactory = Callable[[AudioSink, Callable[[Event], None]], Conversation]
+
+
 def _is_speech(text: str) -> bool:
     # Whisper's usual hallucinations on noise: brackets, music notes, lone punctuation.
     stripped = text.strip().strip(".!?,")

@@ -7,7 +7,7 @@ from typing import Any
 
 from aiohttp import web
 
-from ..conversation import AudioSink, Conversation
+from ..conversation import AudioSink, Conversation, ConversationFactory
 from ..settings import Settings
 from ..transports.limits import CallLimits
 from .keys import ENGINES, SETTINGS, STORE
@@ -22,9 +22,6 @@ def call_limits(settings: Settings) -> CallLimits:
         event_rate_per_s=settings.event_rate_per_s,
         event_burst=max(1, int(settings.event_rate_per_s * 2)),
     )
-
-
-ConversationFactory = Callable[[AudioSink, Callable[[dict[str, Any]], None]], Conversation]
 
 
 async def prepare_call(

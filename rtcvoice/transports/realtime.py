@@ -27,9 +27,9 @@ import numpy as np
 from aiohttp import WSMsgType, web
 
 from ..audio import Int16Audio
-from ..conversation import AudioSink, Conversation
+from ..conversation import ConversationFactory
 from ..conversation.events import MAX_TEXT_CHARS
-from .tracks import Playhead
+from .tracks import PlayheadSink
 
 log = logging.getLogger(__name__)
 
@@ -37,32 +37,20 @@ OUTPUT_RATE = 24_000
 MAX_MESSAGE_BYTES = 8 * 1024 * 1024  # ~4 min of base64 16 kHz audio in one input
 MAX_INPUT_SECONDS = 120
 
-ConversationFactory = Callable[[AudioSink, Callable[[dict[str, Any]], None]], Conversation]
 
-
-class ImmediateSink:
+class ImmediateSink(PlayheadSink):
     """Audio goes out as soon as it is made: a realtime client buffers and plays it itself."""
 
     sample_rate = OUTPUT_RATE
 
     def __init__(self, send: Callable[[Int16Audio], None]) -> None:
+        super().__init__()
         self._send = send
-        self.playhead = Playhead()
-
-    @property
-    def queued(self) -> int:
-        return 0
 
     def write(self, pcm: Int16Audio) -> int:
         position = self.playhead.write(pcm)
         self._send(self.playhead.take(int(pcm.size), pad=False))
         return position
-
-    def flush(self) -> int:
-        return self.playhead.flush()
-
-    def wait_played(self, position: int) -> asyncio.Future[bool]:
-        return self.playhead.wait_played(position)
 
 
 class RealtimePeer:

@@ -105,21 +105,14 @@ class Playhead:
         self._waiters = still
 
 
-class PacedAudioTrack(MediaStreamTrack):
-    kind = "audio"
+class PlayheadSink:
+    """The AudioSink protocol over a :class:`Playhead`; transports add how samples leave."""
 
-    def __init__(self, sample_rate: int = WEBRTC_RATE) -> None:
-        super().__init__()
-        if sample_rate != WEBRTC_RATE:
-            raise ValueError("PacedAudioTrack sends 48 kHz; resample before writing")
-        self.sample_rate = sample_rate
+    sample_rate: int
+
+    def __init__(self) -> None:
         self.playhead = Playhead()
-        self._start: float | None = None
-        self._pts = 0
-        self.frames_sent = 0
-        self.late_frames = 0
 
-    # -- producer side (the AudioSink protocol) --------------------------------------------------
     @property
     def queued(self) -> int:
         return self.playhead.queued
@@ -136,6 +129,21 @@ class PacedAudioTrack(MediaStreamTrack):
 
     def wait_played(self, position: int) -> asyncio.Future[bool]:
         return self.playhead.wait_played(position)
+
+
+class PacedAudioTrack(PlayheadSink, MediaStreamTrack):
+    kind = "audio"
+
+    def __init__(self, sample_rate: int = WEBRTC_RATE) -> None:
+        PlayheadSink.__init__(self)
+        MediaStreamTrack.__init__(self)
+        if sample_rate != WEBRTC_RATE:
+            raise ValueError("PacedAudioTrack sends 48 kHz; resample before writing")
+        self.sample_rate = sample_rate
+        self._start: float | None = None
+        self._pts = 0
+        self.frames_sent = 0
+        self.late_frames = 0
 
     # -- aiortc side ---------------------------------------------------------------------------
     async def recv(self) -> av.AudioFrame:

@@ -22,7 +22,7 @@ from aiortc import RTCDataChannel, RTCIceServer, RTCPeerConnection, RTCSessionDe
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
 from ..audio import STT_RATE, StreamResampler
-from ..conversation import AudioSink, Conversation
+from ..conversation import Conversation, ConversationFactory
 from .ice import chosen_turn_server, has_relay_candidate, rtc_configuration, turn_allocation_error
 from .limits import CallLimits, RateLimiter, watchdog
 from .tracks import PacedAudioTrack
@@ -31,8 +31,6 @@ log = logging.getLogger(__name__)
 
 MAX_QUEUED_EVENTS = 1000
 MAX_INBOUND_EVENTS = 64  # client messages waiting to be handled; more are refused, not buffered
-
-ConversationFactory = Callable[[AudioSink, Callable[[dict[str, Any]], None]], Conversation]
 
 
 class OfferError(ValueError):

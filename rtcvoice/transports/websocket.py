@@ -18,10 +18,9 @@ from typing import Any
 import numpy as np
 from aiohttp import WSMsgType, web
 
-from ..audio import Int16Audio
-from ..conversation import AudioSink, Conversation
+from ..conversation import ConversationFactory
 from .limits import CallLimits, RateLimiter, watchdog
-from .tracks import Playhead
+from .tracks import PlayheadSink
 
 log = logging.getLogger(__name__)
 
@@ -30,35 +29,23 @@ CHUNK_S = 0.04  # audio frame size on the wire
 LEAD_S = 0.2  # how far ahead of real time audio is sent: absorbs network jitter
 MAX_AUDIO_FRAME_BYTES = 64 * 1024  # 2 s of 16 kHz PCM16 per frame is plenty
 
-ConversationFactory = Callable[[AudioSink, Callable[[dict[str, Any]], None]], Conversation]
 
-
-class PacedPcmSink:
+class PacedPcmSink(PlayheadSink):
     """An AudioSink that sends PCM16 binary frames no faster than real time (plus ``LEAD_S``)."""
 
     sample_rate = OUTPUT_RATE
 
     def __init__(self, send: Callable[[bytes], None]) -> None:
+        super().__init__()
         self._send = send
-        self.playhead = Playhead()
         self._clock_start: float | None = None
         self._clock_sent = 0
         self._last_pump = time.monotonic()
         self.late_frames = 0
 
-    @property
-    def queued(self) -> int:
-        return self.playhead.queued
-
-    def write(self, pcm: Int16Audio) -> int:
-        return self.playhead.write(pcm)
-
     def flush(self) -> int:
         self._clock_start = None
-        return self.playhead.flush()
-
-    def wait_played(self, position: int) -> asyncio.Future[bool]:
-        return self.playhead.wait_played(position)
+        return super().flush()
 
     def pump(self) -> None:
         """Send what real time (plus the lead) allows; called every ``CHUNK_S``."""
