@@ -58,6 +58,10 @@ COLUMNS = (*SERVER_STAGES, "transport", "client_voice_to_voice")
 # silence, the compute left after it, the server's overhead and the transport.
 SEQUENCE = ("end_of_turn_silence", "compute_after_turn_end", "server_overhead", "transport")
 CAPACITY_FACTOR = 1.5
+# The caller's jitter buffer, in 20 ms frames. aiortc holds 4 (80 ms); Chrome held 58 ms on
+# average in the project's browser test on the same machine (tests/test_browser.py writes it
+# to artifacts/browser/latency.json), so the bench's caller holds 3, as a browser would.
+CALLER_JITTER_FRAMES = 3
 
 
 @dataclass
@@ -109,7 +113,7 @@ async def run_call(
     server: str, questions: list[tuple[str, Int16Audio, int]], *, concurrency: int, index: int, delay: float
 ) -> list[Turn]:
     await asyncio.sleep(delay)  # staggered starts: callers do not speak in lockstep
-    client = VoiceCallClient(server)
+    client = VoiceCallClient(server, jitter_frames=CALLER_JITTER_FRAMES)
     turns: list[Turn] = []
     try:
         await client.connect()

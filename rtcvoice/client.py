@@ -31,6 +31,7 @@ from .transports.ice import (
     rtc_configuration,
     turn_allocation_error,
 )
+from .transports.jitter import set_jitter_buffer
 from .transports.tracks import PacedAudioTrack
 
 log = logging.getLogger(__name__)
@@ -88,6 +89,7 @@ class VoiceCallClient:
     ``relay_only`` forces iceTransportPolicy "relay": the call goes through the TURN server that
     ``session/start`` hands out, or fails saying why (for diagnosing TURN). aiortc uses one TURN
     URL; ``turn_transport`` (udp, tcp or tls) picks which of the offered ones.
+    ``jitter_frames`` sizes the inbound jitter buffer in 20 ms frames; None keeps aiortc's 4.
     """
 
     def __init__(
@@ -98,12 +100,14 @@ class VoiceCallClient:
         token: str | None = None,
         relay_only: bool = False,
         turn_transport: str | None = None,
+        jitter_frames: int | None = None,
     ) -> None:
         self.server = server.rstrip("/")
         self.on_event = on_event
         self.token = token
         self.relay_only = relay_only
         self.turn_transport = turn_transport
+        self.jitter_frames = jitter_frames
         self.started: dict[str, Any] | None = None  # the session/start answer
         self.turn_server: RTCIceServer | None = None  # the TURN server this peer uses, if any
         self.candidate_pair: CandidatePair | None = None  # as selected when the call connected
@@ -162,7 +166,10 @@ class VoiceCallClient:
             if pc.connectionState == "failed":
                 failed.set()
 
-        pc.addTrack(self.mic)
+        sender = pc.addTrack(self.mic)
+        if self.jitter_frames is not None:
+            receiver = next(t.receiver for t in pc.getTransceivers() if t.sender is sender)
+            set_jitter_buffer(receiver, self.jitter_frames)
         channel = pc.createDataChannel("events")
 
         @channel.on("open")

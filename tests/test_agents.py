@@ -575,3 +575,27 @@ async def test_local_agent_cancel_mid_generation_then_answers_again(local_agent:
     assert loop.time() - started < 0.2
     parts = await collect(local_agent, [{"role": "user", "content": "Say hi."}], timeout=30)
     assert "".join(parts).strip()
+
+
+@needs_local
+async def test_a_prepared_local_agent_holds_the_history_and_answers_as_an_unprepared_one(
+    local_agent: LocalLlamaAgent,
+) -> None:
+    history: list[ChatMessage] = [
+        {"role": "system", "content": "You are terse."},
+        {"role": "user", "content": "My name is Ada."},
+        {"role": "assistant", "content": "Hello Ada."},
+    ]
+    question: ChatMessage = {"role": "user", "content": "What is my name?"}
+    unprepared = "".join(await collect(local_agent, [*history, question], timeout=30))
+    await local_agent.prepare([{"role": "system", "content": "Something else entirely."}])  # evicts it
+    await local_agent.prepare(history)
+    llm = local_agent._llm
+    assert llm is not None
+    # The model's context now starts with the whole history (plus the empty user turn it was
+    # read with), so the next request only reads the question.
+    prompt = llm.tokenize(b"<|im_start|>user\nMy name is Ada.<|im_end|>", add_bos=False, special=True)
+    held = list(llm._input_ids[: llm.n_tokens])
+    assert any(held[i : i + len(prompt)] == prompt for i in range(len(held))), "history not evaluated"
+    prepared = "".join(await collect(local_agent, [*history, question], timeout=30))
+    assert prepared == unprepared  # temperature 0: the cache changes the speed, not the answer

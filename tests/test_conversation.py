@@ -14,6 +14,7 @@ from speech import speak, wer
 from rtcvoice.audio import STT_RATE, Int16Audio, resample_pcm
 from rtcvoice.conversation import Conversation
 from rtcvoice.engines import Engines
+from rtcvoice.engines.agents.echo import EchoAgent
 from rtcvoice.engines.base import Agent
 
 
@@ -81,15 +82,18 @@ def of(events: list[dict[str, Any]], type_: str) -> list[dict[str, Any]]:
 
 
 async def test_a_pause_inside_a_sentence_does_not_answer_half_of_it(shared_engines: Engines) -> None:
-    # 300 ms of silence: long enough to start a speculative answer, too short to end the turn.
+    # 300 ms of silence: long enough to start a speculative answer, too short to end the turn
+    # (the half said before the pause does not read as a question; one that does is below).
     conv, events, _sink = make(shared_engines, echo_agent())
     try:
-        await talk(conv, speak("What is the capital", tail_s=0.3), speak("of Spain?", lead_s=0.0, tail_s=1.0))
+        await talk(
+            conv, speak("Tell me a fun fact", tail_s=0.3), speak("about the moon.", lead_s=0.0, tail_s=1.0)
+        )
         await until(events, "end_of_response")
     finally:
         await conv.aclose()
     finals = of(events, "final_transcript")
-    assert len(finals) == 1 and wer("What is the capital of Spain?", finals[0]["text"]) <= 0.2, finals
+    assert len(finals) == 1 and wer("Tell me a fun fact about the moon.", finals[0]["text"]) <= 0.2, finals
     assert len(of(events, "speech_stopped")) == 1
     # Nothing of the dropped guess leaked: one reply, about the whole question, once in history.
     assert len(of(events, "end_of_response")) == 1
@@ -165,3 +169,119 @@ async def test_closing_is_idempotent_and_stops_a_turn_in_flight(
     await asyncio.sleep(0.5)
     assert len(events) == count  # nothing is emitted after close
     assert all(t.done() for t in conv._side_tasks) and (conv._turn_task is None or conv._turn_task.done())
+
+
+class PacedSink(InstantSink):
+    """Plays in real time, so a reply is still being heard when the caller speaks again."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.started: float | None = None
+
+    def wait_played(self, position: int) -> asyncio.Future[bool]:
+        loop = asyncio.get_running_loop()
+        if self.started is None:
+            self.started = loop.time()
+        fut: asyncio.Future[bool] = loop.create_future()
+        due = self.started + position / self.sample_rate
+
+        def play() -> None:
+            if not fut.done():
+                fut.set_result(True)
+
+        loop.call_at(due, play)
+        return fut
+
+    def flush(self) -> int:
+        return self.written
+
+
+async def test_a_finished_question_ends_the_turn_sooner_than_a_statement(shared_engines: Engines) -> None:
+    conv, events, _sink = make(shared_engines, echo_agent())
+    try:
+        await talk(
+            conv,
+            speak("How many legs does a spider have?", tail_s=1.0),
+            speak("Tell me a fun fact about the moon.", tail_s=1.2),
+        )
+        await until(events, "end_of_response", 2)
+    finally:
+        await conv.aclose()
+    question, statement = (m["end_of_turn_silence"] for m in of(events, "metrics"))
+    settings = conv.settings
+    # The question's transcript ended in "?" well before its shorter silence had passed.
+    assert settings.question_end_of_turn_ms <= question < settings.end_of_turn_silence_ms, question
+    assert statement >= settings.end_of_turn_silence_ms, statement
+    assert [e["text"][-1] for e in of(events, "final_transcript")] == ["?", "."]
+
+
+async def test_the_shorter_silence_for_questions_can_be_turned_off(shared_engines: Engines) -> None:
+    conv, events, _sink = make(shared_engines, echo_agent(), question_end_of_turn_ms=0)
+    try:
+        await talk(conv, speak("How many legs does a spider have?", tail_s=1.0))
+        await until(events, "end_of_response")
+    finally:
+        await conv.aclose()
+    assert of(events, "metrics")[0]["end_of_turn_silence"] >= conv.settings.end_of_turn_silence_ms
+
+
+async def test_a_caller_who_goes_on_after_a_question_shaped_pause_is_answered_as_a_whole(
+    shared_engines: Engines, fake_openai: FakeOpenAI
+) -> None:
+    # "Can you tell me?" then ~450 ms of silence: longer than the question's end-of-turn
+    # silence, shorter than the statement's. The turn ends early as a question and the answer
+    # starts; the caller goes on, which interrupts it, and the next turn hears both halves.
+    fake_openai.reply = "Sure, what would you like to know about it today?"
+    fake_openai.token_delay = 0.02
+    events: list[dict[str, Any]] = []
+    conv = Conversation(
+        session_id="s1",
+        settings=BASE_SETTINGS,
+        engines=dataclasses.replace(shared_engines, agent=openai_agent(fake_openai)),
+        vad=shared_engines.vad.stream(),
+        sink=PacedSink(),
+        send=events.append,
+        executor=shared_engines.audio_executor,
+    )
+    conv.start()
+    rest = "how long it takes to drive from Boston to New York?"
+    try:
+        await talk(conv, speak("Can you tell me?", tail_s=0.45), speak(rest, lead_s=0.0, tail_s=1.2))
+        await until(events, "end_of_response", 2)
+    finally:
+        await conv.aclose()
+    first, second = of(events, "final_transcript")
+    assert first["text"].endswith("?"), first
+    ends = of(events, "end_of_response")
+    assert ends[0]["turn_id"] == first["turn_id"] and ends[0]["interrupted"] is True
+    assert second["continues"] == first["turn_id"]
+    assert wer("Can you tell me " + rest, second["text"]) <= 0.25, second
+    assert fake_openai.requests[-1]["messages"][-1]["content"] == second["text"]
+
+
+class PreparingEcho(EchoAgent):
+    def __init__(self) -> None:
+        super().__init__()
+        self.prepared: list[list[dict[str, str]]] = []
+
+    async def prepare(self, messages: list[Any]) -> None:
+        self.prepared.append([dict(m) for m in messages])
+
+
+async def test_the_agent_reads_the_history_before_the_next_turn_is_asked(shared_engines: Engines) -> None:
+    agent = PreparingEcho()
+    conv, events, _sink = make(shared_engines, agent)
+    try:
+        await asyncio.sleep(0)
+        await conv.handle_client_message('{"type": "text_message", "content": "Hello there."}')
+        await until(events, "end_of_response")
+        await asyncio.sleep(0.05)
+    finally:
+        await conv.aclose()
+    system = {"role": "system", "content": conv.config.instructions}
+    assert agent.prepared[0] == [system]  # at the start of the call
+    assert agent.prepared[-1] == [
+        system,
+        {"role": "user", "content": "Hello there."},
+        {"role": "assistant", "content": "You said: Hello there."},
+    ]

@@ -70,6 +70,11 @@ export interface FinalTranscriptEvent extends ServerEventBase {
   text: string;
   /** True when the speech turned out to be noise: nothing is answered. */
   empty?: boolean;
+  /**
+   * The turn this one completes: it ended early as a question, the caller went on speaking,
+   * its reply was interrupted, and this transcript holds both halves.
+   */
+  continues?: string;
 }
 
 /** A piece (delta) of the AI's reply, as the model streams it. */
@@ -112,6 +117,11 @@ export interface MetricsEvent extends ServerEventBase {
   server_overhead?: number | null;
   /** The turn's work started during the end-of-turn silence, before the turn ended. */
   speculative?: boolean;
+  /**
+   * The silence that ended the turn (ms): the configured end-of-turn silence, or the shorter one
+   * for a transcript that already ended in "?"; null when the client or a length limit ended it.
+   */
+  end_of_turn_silence?: number | null;
   /** Older servers: the transcript was started during the silence. */
   speculative_stt?: boolean;
 }

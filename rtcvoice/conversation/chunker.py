@@ -28,7 +28,7 @@ _ABBREVIATIONS = {
 class SentenceChunker:
     """Feed text deltas; get back complete sentences (the first may be a clause)."""
 
-    def __init__(self, *, min_chars: int = 8, first_clause_chars: int = 28) -> None:
+    def __init__(self, *, min_chars: int = 8, first_clause_chars: int = 16) -> None:
         self._buf = ""
         self._min_chars = min_chars
         self._first_clause_chars = first_clause_chars

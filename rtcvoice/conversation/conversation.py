@@ -34,7 +34,7 @@ from ..audio import (
     int16_to_float,
     trim_silence,
 )
-from ..engines.base import AgentContext, ChatMessage, EngineError, Engines
+from ..engines.base import AgentContext, ChatMessage, EngineError, Engines, PreparingAgent
 from ..engines.vad import WINDOW, WINDOW_MS, VadStream
 from ..settings import Settings
 from .chunker import SentenceChunker
@@ -47,12 +47,14 @@ log = logging.getLogger(__name__)
 State = Literal["listening", "thinking", "speaking"]
 Event = dict[str, Any]
 
-SPECULATE_AFTER_WINDOWS = 3  # ~100 ms into the silence, start transcribing (see _speculate)
+SPECULATE_AFTER_WINDOWS = 1  # at the first silent window, start transcribing (see _speculate)
 PRE_ROLL_MS = 300  # audio kept from before the VAD fired, so the first syllable is transcribed
 APOLOGY = "Sorry, I ran into a problem answering that."
-FIRST_LEAD_S = 0.02  # silence kept before the first sound of a reply
+FIRST_LEAD_S = 0.005  # silence kept before the first sound of a reply (no click, no delay)
 GAP_LEAD_S = 0.1  # ...and before each later sentence, so they do not run together
 GAP_TAIL_S = 0.15
+# A caller who speaks again this soon after a turn ended early as a question was not done.
+RESUME_WITHIN_S = 1.0
 
 
 class AudioSink(Protocol):
@@ -123,6 +125,10 @@ class Turn:
     user_message: ChatMessage | None = None
     underruns: int = 0
     finished: bool = False
+    # The silence that ended the turn: the configured one, or the shorter one for a question.
+    silence_ms: float | None = None
+    # The turn this one goes on with: its question ended early and the caller went on speaking.
+    continues: str | None = None
 
     def __post_init__(self) -> None:
         if not self.speculative:
@@ -137,7 +143,7 @@ class Turn:
         """What the listener heard: every piece whose first sample was played before ``heard``."""
         return " ".join(text for start, _end, text in self.spoken if start < heard).strip()
 
-    def metrics(self, silence_ms: float) -> dict[str, float | None]:
+    def metrics(self) -> dict[str, float | None]:
         m = self.marks
 
         def span(a: str, b: str) -> float | None:
@@ -152,7 +158,9 @@ class Turn:
             # Time that is neither the configured silence nor STT/LLM/TTS compute: VAD and
             # executor hops before the turn ends, then queueing and pacing after the audio is ready.
             ready = max(m["turn_end"], m["tts_first_audio"])
-            overhead = round(max(0.0, eot - silence_ms) + (m["first_audio_played"] - ready) * 1000.0, 1)
+            # A turn ended by the client (end_of_input) or by length waited for no silence.
+            waited = max(0.0, eot - self.silence_ms) if self.silence_ms is not None else 0.0
+            overhead = round(waited + (m["first_audio_played"] - ready) * 1000.0, 1)
         return {
             "compute_after_turn_end": compute_after,
             "server_overhead": overhead,
@@ -218,6 +226,9 @@ class Conversation:
         self._turn_task: asyncio.Task[None] | None = None
         self._partial_task: asyncio.Task[None] | None = None
         self._speculation: Turn | None = None
+        # A turn ended early as a question, its audio and when it ended: see _on_speech_start.
+        self._resumable: tuple[Turn, list[Int16Audio], float] | None = None
+        self._continues: str | None = None
         self._side_tasks: set[asyncio.Task[Any] | asyncio.Future[Any]] = set()
         self._closed = False
         self._closing = False
@@ -266,6 +277,7 @@ class Conversation:
             sample_rate=STT_RATE,
         )
         self.emit("state", state=self.state)
+        self._prepare_agent()
 
     # -- audio in ---------------------------------------------------------------------------------
     async def push_audio(self, pcm: Int16Audio) -> None:
@@ -301,16 +313,21 @@ class Conversation:
         if event is TurnEvent.SPEECH_START:
             await self._on_speech_start()
         elif event is TurnEvent.TURN_END:
-            self._end_user_turn()
+            self._end_user_turn(silence_ms=detector.silence_windows * WINDOW_MS)
         elif detector.in_speech:
             if self._utterance_samples >= self.settings.max_utterance_s * STT_RATE:
                 detector.reset()
                 self._end_user_turn()
-            elif detector.silence_run == SPECULATE_AFTER_WINDOWS and self._speculation is None:
-                self._speculate()
             elif detector.silence_run == 0:
                 self._drop_speculation()
                 self._maybe_partial()
+            elif self._speculation is None:
+                if detector.silence_run >= SPECULATE_AFTER_WINDOWS:
+                    self._speculate()
+            elif self._ends_as_question(self._speculation, detector.silence_run * WINDOW_MS):
+                silence_ms = detector.silence_run * WINDOW_MS
+                detector.reset()
+                self._end_user_turn(silence_ms=silence_ms)
 
     def _speculate(self) -> None:
         """Start answering during the end-of-turn silence; commit when the silence ends the turn.
@@ -324,6 +341,21 @@ class Conversation:
         turn = Turn(id=uuid.uuid4().hex[:12], source="voice", speculative=True)
         self._speculation = turn
         self._start_turn(turn, self._voice_turn(turn, audio))
+
+    def _ends_as_question(self, turn: Turn, silence_ms: int) -> bool:
+        """Whether a speculative turn may end before the full end-of-turn silence.
+
+        Its transcript (ready ~130 ms into the silence) ending in "?" means the caller asked
+        something whole: 384 ms of silence then ends the turn instead of 512. Only questions:
+        Whisper puts a full stop at nearly every pause, so "." says little. ``bench/pauses.py``
+        finds question-shaped halves ("Can you tell me?") before pauses of up to 352 ms, so the
+        default waits longer than that; a caller who still goes on is heard whole (see
+        _on_speech_start).
+        """
+        quick = self.settings.question_end_of_turn_ms
+        if quick <= 0 or silence_ms < quick or quick >= self.settings.end_of_turn_silence_ms:
+            return False
+        return turn.user_text.rstrip().endswith("?")
 
     def _drop_speculation(self) -> None:
         turn, self._speculation = self._speculation, None
@@ -340,13 +372,25 @@ class Conversation:
     async def _on_speech_start(self) -> None:
         self.last_activity = self._last_partial_at = time.monotonic()
         self._last_partial_text = ""
+        resumable, self._resumable = self._resumable, None
+        self._continues = None
         # Barge-in: the user talks over the AI (or over its thinking); the new turn wins.
         if self._turn_task is not None and not self._turn_task.done():
+            turn = self._turn
             await self.interrupt(reason="barge_in")
+            if resumable is not None and resumable[0] is turn:
+                earlier, audio, ended_at = resumable
+                if time.monotonic() - ended_at <= RESUME_WITHIN_S:
+                    # The "question" was half of one ("Can you tell me ... how far it is?"):
+                    # the new turn hears it all again, so the answer is to the whole question.
+                    self._utterance[:0] = audio
+                    self._utterance_samples += sum(w.size for w in audio)
+                    self._continues = earlier.id
         self.emit("speech_started")
 
-    def _end_user_turn(self) -> None:
-        audio = np.concatenate(self._utterance) if self._utterance else np.zeros(0, np.int16)
+    def _end_user_turn(self, *, silence_ms: float | None = None) -> None:
+        utterance = self._utterance
+        audio = np.concatenate(utterance) if utterance else np.zeros(0, np.int16)
         self._utterance, self._utterance_samples = [], 0
         self._cancel_partial()
         turn, self._speculation = self._speculation, None
@@ -355,6 +399,10 @@ class Conversation:
             self._start_turn(turn, self._voice_turn(turn, audio))
         if self._speech_end_at is not None:
             turn.marks["speech_end"] = self._speech_end_at
+        turn.silence_ms = silence_ms
+        turn.continues, self._continues = self._continues, None
+        quick = silence_ms is not None and silence_ms < self.detector.silence_windows * WINDOW_MS
+        self._resumable = (turn, utterance, time.monotonic()) if quick else None
         turn.mark("turn_end")
         self.emit("speech_stopped", turn_id=turn.id)
         self._set_state("thinking")
@@ -438,7 +486,10 @@ class Conversation:
         try:
             await turn.committed.wait()
             await self._persist(user, turn, content_type="voice")
-            self._reveal(turn, ("final_transcript", {"text": text}))
+            shown: dict[str, Any] = {"text": text}
+            if turn.continues is not None:
+                shown["continues"] = turn.continues
+            self._reveal(turn, ("final_transcript", shown))
             await response
         finally:
             if not response.done():
@@ -454,8 +505,7 @@ class Conversation:
 
     async def _respond(self, turn: Turn) -> None:
         """Stream the agent's reply for the turn whose user message ends ``history``."""
-        messages: list[ChatMessage] = [{"role": "system", "content": self.config.instructions}]
-        messages += context_window(self.history, self.settings.max_history_messages)
+        messages = self._request(self.history)
         context = AgentContext(self.session_id, self.thread_id, self.user_id, self.config.language)
         self._set_state("thinking", turn)
 
@@ -510,6 +560,19 @@ class Conversation:
         if failed is None or turn.ai_text:
             await self._persist_reply(turn, interrupted=False)
         self._finish(turn, interrupted=False)
+
+    def _request(self, history: list[ChatMessage]) -> list[ChatMessage]:
+        """What the agent is sent: the instructions, then the window of history that fits."""
+        system: ChatMessage = {"role": "system", "content": self.config.instructions}
+        return [system, *context_window(history, self.settings.max_history_messages)]
+
+    def _prepare_agent(self) -> None:
+        """Let the agent read the next request's system prompt and history before it is asked."""
+        agent = self.engines.agent
+        if self._closing or not isinstance(agent, PreparingAgent):
+            return
+        placeholder: ChatMessage = {"role": "user", "content": ""}
+        self._spawn(agent.prepare(self._request([*self.history, placeholder])[:-1]))
 
     async def _speak(self, turn: Turn, sentences: asyncio.Queue[str | None]) -> None:
         resampler = StreamResampler(self.sink.sample_rate)
@@ -580,8 +643,13 @@ class Conversation:
     def _send_metrics(self, turn: Turn) -> None:
         if not turn.metrics_sent:
             turn.metrics_sent = True
-            silence_ms = self.detector.silence_windows * WINDOW_MS
-            self.emit("metrics", turn, **turn.metrics(silence_ms), speculative=turn.speculative)
+            self.emit(
+                "metrics",
+                turn,
+                **turn.metrics(),
+                speculative=turn.speculative,
+                end_of_turn_silence=turn.silence_ms,
+            )
 
     def _finish(self, turn: Turn, *, interrupted: bool) -> None:
         if turn.finished:
@@ -601,6 +669,7 @@ class Conversation:
         if self._turn is turn:
             self._turn = None
         self._set_state("listening", turn)
+        self._prepare_agent()
 
     async def _persist(self, message: ChatMessage, turn: Turn, **extra: Any) -> None:
         """Store a message before the client hears of it: what a client saw is in the thread."""
@@ -705,6 +774,7 @@ class Conversation:
         self.thread_id = thread_id
         self.history = history
         self.emit("thread.updated", thread_id=thread_id, messages=len(history))
+        self._prepare_agent()
 
     def _update_session(self, data: dict[str, Any]) -> None:
         if "voice" in data:
@@ -719,6 +789,7 @@ class Conversation:
             self.config.voice = data["voice"]
         if "instructions" in data:
             self.config.instructions = data["instructions"]
+            self._prepare_agent()
         if "language" in data:
             self.config.language = data["language"]
         if "speed" in data:

@@ -112,6 +112,19 @@ class Agent(Protocol):
 
 
 @runtime_checkable
+class PreparingAgent(Agent, Protocol):
+    """An agent that can get ready for the next turn while the caller is still speaking."""
+
+    async def prepare(self, messages: list[ChatMessage]) -> None:
+        """``messages`` (system prompt and history) will open the next ``stream`` call.
+
+        A local model evaluates them now, so that call only has to read the new user turn.
+        Best effort: failures are the agent's to log, and ``stream`` must not depend on it.
+        """
+        ...
+
+
+@runtime_checkable
 class TextToSpeech(Protocol):
     name: str
     sample_rate: int

@@ -24,6 +24,7 @@ from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from ..audio import STT_RATE, StreamResampler
 from ..conversation import Conversation, ConversationFactory
 from .ice import chosen_turn_server, has_relay_candidate, rtc_configuration, turn_allocation_error
+from .jitter import set_jitter_buffer
 from .limits import CallLimits, RateLimiter, watchdog
 from .tracks import PacedAudioTrack
 
@@ -114,7 +115,7 @@ class WebRtcPeer:
             raise OfferError("The SDP offer has no usable audio section.")
         if not any(c.name.lower() in ("opus", "pcmu", "pcma") for c in _codecs(audio[0])):
             raise OfferError("The SDP offer has no audio codec rtcvoice can decode (Opus, PCMU or PCMA).")
-        _set_jitter_buffer(audio[0].receiver, self._jitter_frames)
+        set_jitter_buffer(audio[0].receiver, self._jitter_frames)
         pc.addTrack(self.track)
         answer = await pc.createAnswer()
         await pc.setLocalDescription(answer)
@@ -279,23 +280,6 @@ class WebRtcPeer:
                 break
             await asyncio.sleep(0.02)
         await asyncio.sleep(0.05)
-
-
-def _set_jitter_buffer(receiver: Any, frames: int) -> None:
-    """Hold ``frames`` inbound audio frames before decoding (aiortc fixes 4, i.e. 80 ms).
-
-    A frame is released once ``frames`` newer ones have arrived, so each costs 20 ms of
-    voice-to-voice latency and buys tolerance to packet reordering. aiortc has no setting for
-    it; the buffer is a private attribute, so a missing one only logs and keeps aiortc's default.
-    """
-    from aiortc.jitterbuffer import JitterBuffer
-
-    name = "_RTCRtpReceiver__jitter_buffer"
-    current = getattr(receiver, name, None)
-    if not isinstance(current, JitterBuffer):
-        log.warning("aiortc has no %s here; inbound jitter buffer left at its default", name)
-        return
-    setattr(receiver, name, JitterBuffer(capacity=current.capacity, prefetch=max(1, frames)))
 
 
 def _codecs(transceiver: Any) -> list[Any]:

@@ -132,6 +132,17 @@ class LocalLlamaAgent:
         llm = self._load()
         llm.create_chat_completion(messages=[{"role": "user", "content": "Hi"}], max_tokens=1)
 
+    def _prefill(self, messages: list[ChatMessage]) -> None:
+        # An empty user turn after the history: llama.cpp keeps the evaluated prompt, and the
+        # next request shares every token up to that turn's content, so only the new words
+        # (and the window's occasional step, ~1 s on 2 cores) are left for the caller to wait on.
+        llm = self._load()
+        llm.create_chat_completion(
+            messages=[*(_to_llama(m) for m in messages), {"role": "user", "content": ""}],
+            max_tokens=1,
+            temperature=0.0,
+        )
+
     def _generate(
         self, messages: list[ChatMessage], stop: threading.Event, put: Callable[[_Item], None]
     ) -> None:
@@ -211,6 +222,19 @@ class LocalLlamaAgent:
                 # wait for it here: the single-thread executor already runs the next generation
                 # only after this one has stopped.
                 stop.set()
+
+    async def prepare(self, messages: list[ChatMessage]) -> None:
+        if self._closed or self._lock.locked():
+            # Busy with another call's reply: that call's prompt will replace this one in the
+            # model's cache anyway, so preparing would only cost CPU.
+            return
+        async with self._lock:
+            if self._closed:
+                return
+            try:
+                await asyncio.get_running_loop().run_in_executor(self._executor, self._prefill, messages)
+            except Exception as exc:  # the next stream() evaluates the prompt itself
+                log.warning("local agent: preparing the next prompt failed: %r", exc)
 
     async def warm_up(self) -> None:
         if self._closed:

@@ -17,6 +17,7 @@ def create_stt(settings: Settings) -> SpeechToText:
         compute_type=settings.stt_compute_type,
         threads=settings.stt_threads,
         concurrency=settings.stt_concurrency,
+        window_s=settings.stt_window_s,
     )
 
 

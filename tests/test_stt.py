@@ -1,0 +1,106 @@
+"""Whisper's short window: as accurate as the full one on short turns, never used where it cannot be."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+from speech import speak, wer
+
+from rtcvoice.audio import STT_RATE, int16_to_float, resample_pcm
+from rtcvoice.engines import Engines
+from rtcvoice.engines.stt.whisper import WhisperStt
+
+SHORT = [
+    "What is the capital of France?",
+    "How many legs does a spider have?",
+    "Please remind me to call my mother at seven thirty tonight.",
+]
+LONG = (
+    "I am planning a birthday party for my daughter next Saturday, and I need ideas for games that "
+    "ten children can play indoors, because the weather forecast says it will rain all afternoon."
+)
+
+
+def audio(text: str) -> np.ndarray:
+    pcm, rate = speak(text, lead_s=0.2, tail_s=0.3)
+    return int16_to_float(resample_pcm(pcm, rate, STT_RATE))
+
+
+class Paths:
+    """Counts which decoding path each transcription took."""
+
+    def __init__(self, stt: WhisperStt, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.full = 0
+        self.window_results: list[str | None] = []
+        full, window = stt._transcribe_full, stt._transcribe_window
+
+        def count_full(*args: Any) -> str:
+            self.full += 1
+            return full(*args)
+
+        def count_window(*args: Any) -> str | None:
+            result = window(*args)
+            self.window_results.append(result)
+            return result
+
+        monkeypatch.setattr(stt, "_transcribe_full", count_full)
+        monkeypatch.setattr(stt, "_transcribe_window", count_window)
+
+
+@pytest.fixture
+def stt(shared_engines: Engines) -> WhisperStt:
+    assert isinstance(shared_engines.stt, WhisperStt)
+    return shared_engines.stt
+
+
+async def test_short_turns_are_transcribed_in_the_short_window_as_well_as_in_the_full_one(
+    stt: WhisperStt, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    full_window = WhisperStt(window_s=30.0)
+    try:
+        paths = Paths(stt, monkeypatch)
+        for text in SHORT:
+            clip = audio(text)
+            short, full = await stt.transcribe(clip), await full_window.transcribe(clip)
+            assert wer(text, short) <= wer(text, full) + 0.1, (text, short, full)
+            assert wer(text, short) <= 0.2, (text, short)
+        assert paths.full == 0 and len(paths.window_results) == len(SHORT), vars(paths)
+    finally:
+        await full_window.aclose()
+
+
+async def test_a_turn_longer_than_the_window_is_transcribed_to_its_last_word(
+    stt: WhisperStt, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clip = audio(LONG)
+    assert clip.size / STT_RATE > 9.0  # would not fit the 10 s window with room to spare
+    paths = Paths(stt, monkeypatch)
+    text = await stt.transcribe(clip)
+    assert paths.full == 1 and not paths.window_results
+    assert wer(LONG, text) <= 0.2, text
+    assert "afternoon" in text.lower()
+
+
+async def test_silence_and_noise_give_no_words_in_the_short_window(stt: WhisperStt) -> None:
+    rng = np.random.default_rng(3)
+    for clip in (np.zeros(STT_RATE, np.float32), rng.normal(0, 0.01, STT_RATE).astype(np.float32)):
+        text = await stt.transcribe(clip)
+        assert not any(ch.isalnum() for ch in text), text
+
+
+async def test_a_window_too_short_for_whisper_falls_back_instead_of_repeating_itself(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A 3 s window makes tiny.en loop ("What time is it? What time is it? ..."); the loop is
+    # caught and the turn is transcribed again in the full window.
+    tiny_window = WhisperStt(window_s=3.0)
+    try:
+        paths = Paths(tiny_window, monkeypatch)
+        text = "What time is it?"
+        heard = await tiny_window.transcribe(audio(text))
+        assert paths.window_results == [None] and paths.full == 1, vars(paths)
+        assert wer(text, heard) <= 0.2, heard
+    finally:
+        await tiny_window.aclose()
