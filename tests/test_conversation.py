@@ -46,10 +46,10 @@ class InstantSink:
 
 
 def make(
-    engines: Engines, agent: Agent, **settings: Any
+    engines: Engines, agent: Agent, *, sink: InstantSink | None = None, **settings: Any
 ) -> tuple[Conversation, list[dict[str, Any]], InstantSink]:
     events: list[dict[str, Any]] = []
-    sink = InstantSink()
+    sink = sink if sink is not None else InstantSink()
     conv = Conversation(
         session_id="s1",
         settings=BASE_SETTINGS.replace(**settings),
@@ -233,17 +233,7 @@ async def test_a_caller_who_goes_on_after_a_question_shaped_pause_is_answered_as
     # starts; the caller goes on, which interrupts it, and the next turn hears both halves.
     fake_openai.reply = "Sure, what would you like to know about it today?"
     fake_openai.token_delay = 0.02
-    events: list[dict[str, Any]] = []
-    conv = Conversation(
-        session_id="s1",
-        settings=BASE_SETTINGS,
-        engines=dataclasses.replace(shared_engines, agent=openai_agent(fake_openai)),
-        vad=shared_engines.vad.stream(),
-        sink=PacedSink(),
-        send=events.append,
-        executor=shared_engines.audio_executor,
-    )
-    conv.start()
+    conv, events, _sink = make(shared_engines, openai_agent(fake_openai), sink=PacedSink())
     rest = "how long it takes to drive from Boston to New York?"
     try:
         await talk(conv, speak("Can you tell me?", tail_s=0.45), speak(rest, lead_s=0.0, tail_s=1.2))

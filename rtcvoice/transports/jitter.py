@@ -22,8 +22,6 @@ class ArrivalOrderBuffer:
     dropped (and concealed by the decoder like a lost one) instead of being waited for.
     """
 
-    capacity = 16
-
     def __init__(self) -> None:
         self._newest: int | None = None
 
