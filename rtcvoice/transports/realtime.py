@@ -30,6 +30,7 @@ from ..audio import Int16Audio
 from ..conversation import ConversationFactory
 from ..conversation.events import MAX_TEXT_CHARS
 from .tracks import PlayheadSink
+from .websocket import send_queued
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +60,7 @@ class RealtimePeer:
     ) -> None:
         self.connection_id = connection_id
         self.ws = ws
-        self._outbox: asyncio.Queue[str | None] = asyncio.Queue()
+        self._outbox: asyncio.Queue[str | bytes | None] = asyncio.Queue()
         self.sink = ImmediateSink(self._send_audio)
         self.conversation = make_conversation(self.sink, self._translate)
         self._closed = False
@@ -187,14 +188,7 @@ class RealtimePeer:
             self._error("invalid_event", "conversation.item.input needs input_text or input_audio_buffer.")
 
     async def _write_loop(self) -> None:
-        while True:
-            item = await self._outbox.get()
-            if item is None or self.ws.closed:
-                return
-            try:
-                await self.ws.send_str(item)
-            except ConnectionError:
-                return
+        await send_queued(self.ws, self._outbox)
 
     async def close(self) -> None:
         if self._closed:

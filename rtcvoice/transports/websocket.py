@@ -30,6 +30,25 @@ LEAD_S = 0.2  # how far ahead of real time audio is sent: absorbs network jitter
 MAX_AUDIO_FRAME_BYTES = 64 * 1024  # 2 s of 16 kHz PCM16 per frame is plenty
 
 
+async def send_queued(ws: web.WebSocketResponse, outbox: asyncio.Queue[str | bytes | None]) -> None:
+    """Send what is queued, in order, until None or a closed socket.
+
+    One writer per socket keeps frames in order without a lock. A client that is gone ends the
+    loop quietly: the reader sees the close and ends the call.
+    """
+    while True:
+        item = await outbox.get()
+        if item is None or ws.closed:
+            return
+        try:
+            if isinstance(item, bytes):
+                await ws.send_bytes(item)
+            else:
+                await ws.send_str(item)
+        except ConnectionError:
+            return
+
+
 class PacedPcmSink(PlayheadSink):
     """An AudioSink that sends PCM16 binary frames no faster than real time (plus ``LEAD_S``)."""
 
@@ -157,17 +176,7 @@ class WebSocketPeer:
         await self.conversation.push_audio(np.frombuffer(data, dtype="<i2").astype(np.int16))
 
     async def _write_loop(self) -> None:
-        while True:
-            item = await self._outbox.get()
-            if item is None or self.ws.closed:
-                return
-            try:
-                if isinstance(item, bytes):
-                    await self.ws.send_bytes(item)
-                else:
-                    await self.ws.send_str(item)
-            except ConnectionError:
-                return  # the client is gone; run() sees the close and ends the call
+        await send_queued(self.ws, self._outbox)
 
     async def _pace_loop(self) -> None:
         while True:
