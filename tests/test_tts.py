@@ -123,17 +123,19 @@ async def test_hibari_synthesis_runs_off_the_event_loop(
         for n in range(8)
     )
     tick = asyncio.create_task(ticker())
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.thread_time()
     chunks = await collect(hibari_tts.synthesize(text))
-    elapsed = time.perf_counter() - t0
+    elapsed, loop_cpu = time.perf_counter() - t0, time.thread_time() - cpu0
     stop.set()
     await tick
 
     assert len(chunks) == 8
     assert work_threads and loop_thread not in work_threads, "synthesis ran on the event loop thread"
-    # The loop stayed responsive throughout: ticks kept coming, none stalled behind a sentence.
+    # The loop stayed responsive throughout: ticks kept coming, and the loop thread itself was
+    # nearly idle. Its CPU time, not the largest gap between ticks: on a shared machine the OS
+    # alone can hold a tick back 100 ms, while 8 paragraphs on the loop would cost seconds.
     assert len(gaps) >= elapsed / 0.01 * 0.3
-    assert max(gaps) < 0.1, f"event loop stalled for {max(gaps) * 1000:.0f} ms"
+    assert loop_cpu < 0.2 * elapsed, f"the loop thread was busy {loop_cpu:.2f} s of {elapsed:.2f} s"
 
 
 async def test_hibari_stops_synthesizing_when_the_consumer_stops(
