@@ -58,12 +58,35 @@ def test_chunker_cuts_sentences_as_they_complete() -> None:
 
 
 def test_chunker_speaks_a_long_first_clause_early() -> None:
-    c = SentenceChunker(first_clause_chars=28)
+    c = SentenceChunker(first_clause_chars=28, first_phrase_words=0)
     out: list[str] = []
     for token in "Well, the quickest way to get there from here, honestly, is by train. It is".split(" "):
         out += c.push(token + " ")
     # Only the first piece may be a clause: later ones wait for the sentence to end.
     assert out == ["Well, the quickest way to get there from here,", "honestly, is by train."]
+
+
+def test_chunker_cuts_a_long_first_sentence_before_a_phrase() -> None:
+    c = SentenceChunker()
+    out: list[str] = []
+    text = "The best book to read is a novel called The Great Gatsby by F. Scott Fitzgerald. It is a book that lasts."
+    for token in text.split(" "):
+        out += c.push(token + " ")
+    out += c.flush()
+    # Only the first piece is cut early, and "F." is an initial, not the end of a sentence.
+    assert out == [
+        "The best book to read is a novel",
+        "called The Great Gatsby by F. Scott Fitzgerald.",
+        "It is a book that lasts.",
+    ]
+
+
+def test_chunker_leaves_a_short_first_sentence_whole() -> None:
+    c = SentenceChunker()
+    out: list[str] = []
+    for token in "A spider has eight legs in total. Yes.".split(" "):
+        out += c.push(token + " ")
+    assert out == ["A spider has eight legs in total."]
 
 
 def test_chunker_drops_pieces_without_words() -> None:

@@ -8,6 +8,16 @@ import re
 _SENTENCE_END = re.compile(r"[.!?…]+[\"'”’)\]]*\s+|\n+")
 # A clause break, used only for the first piece so the first audio starts sooner.
 _CLAUSE_END = re.compile(r"[,;:—–]\s+")
+# Where a long first sentence without a clause break may still be cut: before a word that
+# starts a phrase ("... is a novel | called ...", "... term | that represents ..."). The word
+# must be followed by a space, so "to" is not the start of "today".
+_PHRASE_START = re.compile(
+    r"\s+(?=(?:and|but|or|so|because|which|that|who|whose|where|when|while|with|by|for|from|in|"
+    r"on|at|to|about|after|before|than|like|called|named|until|since|into|through|during)\s)",
+    re.IGNORECASE,
+)
+# Words the first piece must have before such a cut: shorter sentences finish soon anyway.
+FIRST_PHRASE_WORDS = 7
 _ABBREVIATIONS = {
     "mr.",
     "mrs.",
@@ -26,12 +36,25 @@ _ABBREVIATIONS = {
 
 
 class SentenceChunker:
-    """Feed text deltas; get back complete sentences (the first may be a clause)."""
+    """Feed text deltas; get back complete sentences (the first may be a clause or a phrase).
 
-    def __init__(self, *, min_chars: int = 8, first_clause_chars: int = 16) -> None:
+    The first piece decides how soon the caller hears anything: waiting for the end of a
+    15-word first sentence costs ~10 more tokens, ~130 ms from the embedded model on 2 cores.
+    So it may end at a clause break, or before a phrase in a long sentence; later pieces are
+    whole sentences, which TTS speaks most naturally.
+    """
+
+    def __init__(
+        self,
+        *,
+        min_chars: int = 8,
+        first_clause_chars: int = 16,
+        first_phrase_words: int = FIRST_PHRASE_WORDS,
+    ) -> None:
         self._buf = ""
         self._min_chars = min_chars
         self._first_clause_chars = first_clause_chars
+        self._first_phrase_words = first_phrase_words
         self._emitted = 0
 
     def push(self, delta: str) -> list[str]:
@@ -58,13 +81,18 @@ class SentenceChunker:
                 break
             candidate = self._buf[: m.end()].strip()
             last_word = candidate.rsplit(" ", 1)[-1].lower()
-            if len(candidate) >= self._min_chars and last_word not in _ABBREVIATIONS:
+            initial = len(last_word) == 2 and last_word[0].isalpha() and last_word[1] == "."  # "F. Scott"
+            if len(candidate) >= self._min_chars and last_word not in _ABBREVIATIONS and not initial:
                 return self._take(m.end())
             start = m.end()
         if self._emitted == 0 and len(self._buf) >= self._first_clause_chars:
             for m in _CLAUSE_END.finditer(self._buf):
                 if m.start() >= self._first_clause_chars // 2:
                     return self._take(m.end())
+            if self._first_phrase_words:
+                for m in _PHRASE_START.finditer(self._buf):
+                    if len(self._buf[: m.start()].split()) >= self._first_phrase_words:
+                        return self._take(m.end())
         return None
 
     def _take(self, end: int) -> str | None:
