@@ -102,7 +102,7 @@ export interface MetricsEvent extends ServerEventBase {
   stt: number | null;
   /** Agent start to its first token. */
   llm_first_token: number | null;
-  /** Agent start until the first sentence or clause is ready to speak. */
+  /** Agent start until the first piece (a sentence, clause or long sentence's first phrase) is ready to speak. */
   llm_first_sentence: number | null;
   /** First sentence handed to TTS until its audio is queued. */
   tts_first_audio: number | null;
