@@ -7,6 +7,7 @@ import dataclasses
 from typing import Any
 
 import numpy as np
+import pytest
 from conftest import BASE_SETTINGS, echo_agent, openai_agent
 from fake_openai import FakeOpenAI
 from speech import speak, wer
@@ -121,6 +122,36 @@ async def test_the_answer_is_prepared_during_the_end_of_turn_silence(shared_engi
     ]
     assert order[0] == "speech_stopped" and order[1] == "final_transcript" and order[-1] == "end_of_response"
     assert sink.written > 0
+
+
+async def test_speculation_starts_when_the_level_falls_before_the_vad_agrees(
+    shared_engines: Engines, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Silero's probability stays above the off threshold for ~140 ms after "have?"; the level
+    # falls at once. Under steady noise the level never falls that far, so the VAD decides.
+    pcm, rate = speak("How many legs does a spider have?", tail_s=1.0)
+    noise = np.random.default_rng(1).normal(0, 0.018 * 32768, pcm.size)  # about -35 dBFS
+    noisy = np.clip(pcm + noise, -32768, 32767).astype(np.int16)
+    started: dict[str, list[int]] = {}
+    for name, audio in (("clean", pcm), ("noisy", noisy)):
+        conv, events, _sink = make(shared_engines, echo_agent())
+        speculate = conv._speculate
+
+        def recorded(conv: Conversation = conv, name: str = name, speculate: Any = speculate) -> None:
+            started.setdefault(name, []).append(conv.detector.silence_run)
+            speculate()
+
+        monkeypatch.setattr(conv, "_speculate", recorded)
+        try:
+            await talk(conv, (audio, rate))
+            await until(events, "end_of_response")
+        finally:
+            await conv.aclose()
+        assert len(of(events, "final_transcript")) == 1 and len(of(events, "end_of_response")) == 1
+    # Clean: the answer was started while the VAD still counted the tail as speech.
+    assert started["clean"][-1] == 0, started
+    # Noisy: only once the VAD heard silence.
+    assert all(run >= 1 for run in started["noisy"]), started
 
 
 async def test_noise_gets_no_answer(shared_engines: Engines) -> None:
