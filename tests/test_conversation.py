@@ -137,7 +137,8 @@ async def test_speculation_starts_when_the_level_falls_before_the_vad_agrees(
     for name, audio in (("clean", pcm), ("noisy", noisy), ("busy", pcm)):
         # Another call's transcription in flight, as WhisperStt counts it.
         monkeypatch.setattr(shared_engines.stt, "pending", 1 if name == "busy" else 0)
-        conv, events, _sink = make(shared_engines, echo_agent())
+        # No partial transcripts: one still running at the last word would count as busy too.
+        conv, events, _sink = make(shared_engines, echo_agent(), partial_interval_ms=60_000)
         speculate = conv._speculate
 
         def recorded(conv: Conversation = conv, name: str = name, speculate: Any = speculate) -> None:
