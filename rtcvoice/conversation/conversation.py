@@ -329,7 +329,7 @@ class Conversation:
         if event is TurnEvent.SPEECH_START:
             await self._on_speech_start()
         elif event is TurnEvent.TURN_END:
-            self._end_user_turn(silence_ms=detector.silence_windows * WINDOW_MS)
+            self._end_user_turn(silence_ms=detector.turn_end_silence_ms)
         elif detector.in_speech:
             if self._utterance_samples >= self.settings.max_utterance_s * STT_RATE:
                 detector.reset()
@@ -343,8 +343,8 @@ class Conversation:
             elif self._speculation is None:
                 if detector.silence_run >= SPECULATE_AFTER_WINDOWS:
                     self._speculate()
-            elif self._ends_as_question(self._speculation, detector.silence_run * WINDOW_MS):
-                silence_ms = detector.silence_run * WINDOW_MS
+            elif self._ends_as_question(self._speculation, detector.silence_ms):
+                silence_ms = detector.silence_ms
                 detector.reset()
                 self._end_user_turn(silence_ms=silence_ms)
 
@@ -420,7 +420,7 @@ class Conversation:
             turn.marks["speech_end"] = self._speech_end_at
         turn.silence_ms = silence_ms
         turn.continues, self._continues = self._continues, None
-        quick = silence_ms is not None and silence_ms < self.detector.silence_windows * WINDOW_MS
+        quick = silence_ms is not None and silence_ms < self.detector.turn_end_silence_ms
         self._resumable = (turn, utterance, time.monotonic()) if quick else None
         turn.mark("turn_end")
         self.emit("speech_stopped", turn_id=turn.id)

@@ -30,6 +30,16 @@ class TurnDetector:
         self.silence_windows = max(1, math.ceil(self.end_silence_ms / self.window_ms))
         self.reset()
 
+    @property
+    def silence_ms(self) -> int:
+        """The silence so far, in whole windows."""
+        return self.silence_run * self.window_ms
+
+    @property
+    def turn_end_silence_ms(self) -> int:
+        """The silence that ends a turn, rounded up to whole windows."""
+        return self.silence_windows * self.window_ms
+
     def reset(self) -> None:
         self.in_speech = False
         self.speech_run = 0
