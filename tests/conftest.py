@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -89,6 +90,21 @@ def openai_agent(fake: FakeOpenAI, **overrides: Any) -> OpenAIChatAgent:
 
 def echo_agent() -> EchoAgent:
     return EchoAgent()
+
+
+def record_threads(
+    monkeypatch: pytest.MonkeyPatch, owner: Any, name: str, *, static: bool = False
+) -> set[int]:
+    """Wrap ``owner.name`` so each call notes its thread: the returned set fills as it runs."""
+    threads: set[int] = set()
+    original = getattr(owner, name)
+
+    def recorded(*args: Any, **kwargs: Any) -> Any:
+        threads.add(threading.get_ident())
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, staticmethod(recorded) if static else recorded)
+    return threads
 
 
 def _free_port() -> int:

@@ -18,6 +18,7 @@ from typing import Any
 import edge_tts.communicate
 import numpy as np
 import pytest
+from conftest import record_threads
 from fake_speech_servers import FakeEdgeServer, FakeOpenAISpeech, tone
 
 from rtcvoice.engines.base import FloatAudio, SttError, TextToSpeech, TtsError
@@ -97,14 +98,7 @@ async def test_hibari_synthesis_runs_off_the_event_loop(
     import hibari
 
     loop_thread = threading.get_ident()
-    work_threads: set[int] = set()
-    original = hibari.Hibari.from_ids
-
-    def recording_from_ids(self: Any, *args: Any, **kwargs: Any) -> Any:
-        work_threads.add(threading.get_ident())
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(hibari.Hibari, "from_ids", recording_from_ids)
+    work_threads = record_threads(monkeypatch, hibari.Hibari, "from_ids")
 
     gaps: list[float] = []
     stop = asyncio.Event()
