@@ -48,31 +48,31 @@ async def test_silero_hears_speech_and_not_silence_or_noise(shared_engines: Engi
     assert max(shared_engines.vad.stream().process(noise)) < 0.5
 
 
+def stream(chunker: SentenceChunker, text: str) -> list[str]:
+    """The pieces the chunker gives back while ``text`` streams in word by word, as an LLM sends it."""
+    out: list[str] = []
+    for token in text.split(" "):
+        out += chunker.push(token + " ")
+    return out
+
+
 def test_chunker_cuts_sentences_as_they_complete() -> None:
     c = SentenceChunker(first_clause_chars=1000)
-    out: list[str] = []
-    for token in "Dr. Smith is here. He says hi! Is 3.5 enough? Yes".split(" "):
-        out += c.push(token + " ")
-    out += c.flush()
+    out = stream(c, "Dr. Smith is here. He says hi! Is 3.5 enough? Yes") + c.flush()
     assert out == ["Dr. Smith is here.", "He says hi!", "Is 3.5 enough?", "Yes"]
 
 
 def test_chunker_speaks_a_long_first_clause_early() -> None:
     c = SentenceChunker(first_clause_chars=28, first_phrase_words=0)
-    out: list[str] = []
-    for token in "Well, the quickest way to get there from here, honestly, is by train. It is".split(" "):
-        out += c.push(token + " ")
+    out = stream(c, "Well, the quickest way to get there from here, honestly, is by train. It is")
     # Only the first piece may be a clause: later ones wait for the sentence to end.
     assert out == ["Well, the quickest way to get there from here,", "honestly, is by train."]
 
 
 def test_chunker_cuts_a_long_first_sentence_before_a_phrase() -> None:
     c = SentenceChunker()
-    out: list[str] = []
     text = "The best book to read is a novel called The Great Gatsby by F. Scott Fitzgerald. It is a book that lasts."
-    for token in text.split(" "):
-        out += c.push(token + " ")
-    out += c.flush()
+    out = stream(c, text) + c.flush()
     # Only the first piece is cut early, and "F." is an initial, not the end of a sentence.
     assert out == [
         "The best book to read is a novel",
@@ -82,11 +82,9 @@ def test_chunker_cuts_a_long_first_sentence_before_a_phrase() -> None:
 
 
 def test_chunker_leaves_a_short_first_sentence_whole() -> None:
-    c = SentenceChunker()
-    out: list[str] = []
-    for token in "A spider has eight legs in total. Yes.".split(" "):
-        out += c.push(token + " ")
-    assert out == ["A spider has eight legs in total."]
+    assert stream(SentenceChunker(), "A spider has eight legs in total. Yes.") == [
+        "A spider has eight legs in total."
+    ]
 
 
 def test_chunker_drops_pieces_without_words() -> None:
