@@ -338,7 +338,7 @@ class Conversation:
                 if not quiet:
                     self._drop_speculation()
                     self._maybe_partial()
-                elif self._speculation is None and getattr(self.engines.stt, "pending", 0) == 0:
+                elif self._speculation is None and not self._stt_busy():
                     self._speculate()  # the level fell before the VAD's probability did
             elif self._speculation is None:
                 if detector.silence_run >= SPECULATE_AFTER_WINDOWS:
@@ -436,14 +436,20 @@ class Conversation:
             return
         if self._partial_task is not None and not self._partial_task.done():
             return  # the previous partial is still running: skip rather than queue behind it
-        if getattr(self.engines.stt, "pending", 0) > 0:
-            # The shared model is busy (another call's turn, or its partial): a partial is a
-            # nicety, and queueing it would delay someone's final transcript.
+        if self._stt_busy():
             return
         self._last_partial_at = now
         audio = np.concatenate(self._utterance)
         self._partial_task = asyncio.create_task(self._partial(audio), name=f"partial-{self.session_id}")
         self._own(self._partial_task)
+
+    def _stt_busy(self) -> bool:
+        """Whether the shared STT model is transcribing (any call's turn or partial).
+
+        Optional transcriptions (partials, speculation ahead of the VAD) run only when it is
+        not: queued behind one, they would delay someone's final transcript.
+        """
+        return getattr(self.engines.stt, "pending", 0) > 0
 
     async def _partial(self, audio: Int16Audio) -> None:
         try:
