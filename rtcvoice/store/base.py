@@ -1,15 +1,17 @@
 """Threads and messages shared by text chat and voice calls: the types and the Store interface.
 
-A thread (a row of the ``conversations`` table) belongs to one user, or to nobody: in
-unauthenticated mode every thread has ``user_id`` None, and ``list_threads(None)`` lists exactly
-those. A user's threads never show up for another user or for ``None``, so turning auth on later
-does not expose the anonymous history, nor the other way round.
+A thread (a row of the threads table: ``conversations``, or the app's own, see schema.py) belongs
+to one user, or to nobody: in unauthenticated mode every thread has ``user_id`` None, and
+``list_threads(None)`` lists exactly those. A user's threads never show up for another user or
+for ``None``, so turning auth on later does not expose the anonymous history, nor the other way
+round.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import threading
 import time
 import uuid
@@ -74,7 +76,9 @@ class StoredMessage:
     thread_id: str
     role: Role
     content: str
-    content_type: ContentType
+    # str, not ContentType: an app's own rows may say "image" or "file"; rtcvoice writes only
+    # "text" and "voice".
+    content_type: str
     interrupted: bool
     session_id: str | None
     turn_id: str | None
@@ -150,18 +154,30 @@ class MonotonicClock:
 
     Threads are listed by ``updated_at``: two updates in the same clock tick (or across an NTP
     step back) would otherwise tie or invert, and "most recent first" would be a coin toss.
+    ``resolution`` (e.g. 0.001 for a column that keeps milliseconds) makes every reading a whole
+    multiple of it, so two readings stay apart once the column has rounded them.
     """
 
     _STEP = 1e-6  # well above a double's resolution near 2e9 s (about 2.4e-7)
 
-    def __init__(self) -> None:
+    def __init__(self, resolution: float | None = None) -> None:
         self._last = 0.0
+        self._units = 0
+        self._resolution = resolution
         self._lock = threading.Lock()
+
+    @property
+    def resolution(self) -> float | None:
+        return self._resolution
 
     def now(self) -> float:
         with self._lock:
-            self._last = max(time.time(), self._last + self._STEP)
-            return self._last
+            if self._resolution is None:
+                self._last = max(time.time(), self._last + self._STEP)
+                return self._last
+            # Counted in whole units: repeated float steps would drift off the grid.
+            self._units = max(math.ceil(time.time() / self._resolution), self._units + 1)
+            return self._units * self._resolution
 
 
 def log_orphaned_failure(done: asyncio.Future[Any]) -> None:
@@ -218,46 +234,6 @@ def check_content_type(content_type: str) -> ContentType:
     if content_type not in CONTENT_TYPES:
         raise StoreError(f"content_type must be one of {sorted(CONTENT_TYPES)}, not {content_type!r}")
     return cast("ContentType", content_type)
-
-
-THREAD_COLUMNS = ("id", "user_id", "title", "created_at", "updated_at")
-MESSAGE_COLUMNS = (
-    "id",
-    "conversation_id",
-    "role",
-    "content",
-    "content_type",
-    "interrupted",
-    "session_id",
-    "turn_id",
-    "created_at",
-)
-
-
-def thread_from_row(row: Any) -> Thread:
-    """A Thread from a row of THREAD_COLUMNS (an sqlite3 tuple or an asyncpg Record)."""
-    return Thread(
-        id=str(row[0]),
-        user_id=None if row[1] is None else str(row[1]),
-        title=str(row[2]),
-        created_at=float(row[3]),
-        updated_at=float(row[4]),
-    )
-
-
-def message_from_row(row: Any) -> StoredMessage:
-    """A StoredMessage from a row of MESSAGE_COLUMNS."""
-    return StoredMessage(
-        id=str(row[0]),
-        thread_id=str(row[1]),
-        role=check_role(str(row[2])),
-        content=str(row[3]),
-        content_type=check_content_type(str(row[4])),
-        interrupted=bool(row[5]),
-        session_id=None if row[6] is None else str(row[6]),
-        turn_id=None if row[7] is None else str(row[7]),
-        created_at=float(row[8]),
-    )
 
 
 def check_limit(limit: int) -> int:

@@ -1,14 +1,15 @@
 """PostgreSQL store (``database_url``): the same tables and behaviour as the SQLite store.
 
-Needs the ``postgres`` extra (asyncpg). Tables go to the first schema of the connection's
-search_path; to keep them apart from an application's own tables in a shared database, add
-``?search_path=rtcvoice`` to the URL (asyncpg passes unknown URL parameters on as settings).
+Needs the ``postgres`` extra (asyncpg). Tables rtcvoice creates go to the first schema of the
+connection's search_path; to keep them apart from an application's own tables in a shared
+database, add ``?search_path=rtcvoice`` to the URL (asyncpg passes unknown URL parameters on as
+settings). To share the application's own tables instead, name them in db_threads_table and
+db_messages_table (``app.chat_messages`` for another schema): see schema.py.
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
@@ -16,8 +17,6 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 
 from .base import (
-    MESSAGE_COLUMNS,
-    THREAD_COLUMNS,
     MonotonicClock,
     StoredMessage,
     StoreError,
@@ -29,45 +28,71 @@ from .base import (
     check_optional_id,
     draft_message,
     log_orphaned_failure,
-    message_from_row,
-    new_id,
-    thread_from_row,
+)
+from .schema import (
+    MESSAGE,
+    THREAD,
+    Column,
+    Dialect,
+    Insert,
+    Kind,
+    LayoutTypes,
+    ResolvedSchema,
+    ResolvedTable,
+    SchemaConfig,
+    Statements,
+    TableInfo,
+    clock_for,
+    index_ddl,
+    messages_ddl,
+    not_null_error,
+    quote_table,
+    resolve_table,
+    threads_ddl,
+    with_id,
 )
 
 T = TypeVar("T")
 
-TABLES = """
-CREATE TABLE IF NOT EXISTS conversations (
-    id TEXT PRIMARY KEY,
-    user_id TEXT,
-    title TEXT NOT NULL DEFAULT '',
-    created_at DOUBLE PRECISION NOT NULL,
-    updated_at DOUBLE PRECISION NOT NULL
-);
-CREATE TABLE IF NOT EXISTS messages (
-    seq BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-    id TEXT NOT NULL UNIQUE,
-    conversation_id TEXT NOT NULL REFERENCES conversations (id) ON DELETE CASCADE,
-    role TEXT NOT NULL CHECK (role IN ('user', 'assistant', 'system')),
-    content TEXT NOT NULL,
-    content_type TEXT NOT NULL DEFAULT 'voice' CHECK (content_type IN ('text', 'voice')),
-    interrupted BOOLEAN NOT NULL DEFAULT FALSE,
-    session_id TEXT,
-    turn_id TEXT,
-    created_at DOUBLE PRECISION NOT NULL
-);
-"""
-INDEXES = """
-CREATE INDEX IF NOT EXISTS conversations_user_updated ON conversations (user_id, updated_at);
-CREATE INDEX IF NOT EXISTS messages_conversation_seq ON messages (conversation_id, seq);
-"""
+# Text times compare as text: a cast would fail the whole query on one odd row.
+DIALECT = Dialect(placeholder=lambda n: f"${n}", text_time=lambda expr: expr, returning=True)
+LAYOUT = LayoutTypes(
+    time="DOUBLE PRECISION",
+    seq="BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY",
+    flag="BOOLEAN NOT NULL DEFAULT FALSE",
+)
 
 # Servers starting together would race on CREATE TABLE IF NOT EXISTS (it is not atomic in
 # PostgreSQL: the loser gets a unique violation on pg_type), so schema creation holds this lock.
 _SCHEMA_LOCK_KEY = 0x72746376  # "rtcv"
 
-_THREAD_SELECT = "SELECT " + ", ".join(THREAD_COLUMNS) + " FROM conversations"
 _DB_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError)
+
+# to_regclass: the table the queries' unqualified name will reach, through the search_path.
+_FIND_TABLE = (
+    "SELECT c.oid, n.nspname, c.relname FROM pg_class AS c"
+    " JOIN pg_namespace AS n ON n.oid = c.relnamespace WHERE c.oid = to_regclass($1)"
+)
+_COLUMNS = (
+    "SELECT c.column_name, c.data_type, c.column_default, c.is_identity, c.is_nullable,"
+    " c.datetime_precision, c.is_generated, format_type(a.atttypid, a.atttypmod)"
+    " FROM information_schema.columns AS c"
+    " JOIN pg_attribute AS a ON a.attrelid = $1 AND a.attname = c.column_name"
+    " WHERE c.table_schema = $2 AND c.table_name = $3 ORDER BY c.ordinal_position"
+)
+_KINDS = {
+    "smallint": Kind.INTEGER,
+    "integer": Kind.INTEGER,
+    "bigint": Kind.INTEGER,
+    "real": Kind.REAL,
+    "double precision": Kind.REAL,
+    "numeric": Kind.NUMERIC,
+    "boolean": Kind.BOOLEAN,
+    "timestamp with time zone": Kind.TIMESTAMPTZ,
+    "timestamp without time zone": Kind.TIMESTAMP,
+    "date": Kind.DATE,
+    "uuid": Kind.UUID,
+}
 
 
 class PostgresStore:
@@ -76,13 +101,24 @@ class PostgresStore:
     A write runs in a task of its own that the caller's cancellation does not reach (a turn
     cancelled by barge-in may be storing its reply): it commits whole or not at all, and
     ``close`` waits for it.
+
+    ``schema`` names the tables (an app's own, possibly; see schema.py); None is rtcvoice's own.
     """
 
-    def __init__(self, url: str, *, min_connections: int = 1, max_connections: int = 4) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        schema: SchemaConfig | None = None,
+        min_connections: int = 1,
+        max_connections: int = 4,
+    ) -> None:
         self.url = url
+        self.schema = schema or SchemaConfig()
         self._min = min_connections
         self._max = max_connections
         self._pool: asyncpg.Pool | None = None
+        self._sql: Statements | None = None  # set by open, from the tables it found
         self._clock = MonotonicClock()
         self._lifecycle = asyncio.Lock()
         self._writes: set[asyncio.Task[Any]] = set()
@@ -103,16 +139,14 @@ class PostgresStore:
             try:
                 async with pool.acquire() as conn, conn.transaction():
                     await conn.execute("SELECT pg_advisory_xact_lock($1)", _SCHEMA_LOCK_KEY)
-                    await conn.execute(TABLES)
-                    # Before the indexes, whose errors would not say that the table is someone else's.
-                    await _check_columns(conn, "conversations", THREAD_COLUMNS)
-                    await _check_columns(conn, "messages", ("seq", *MESSAGE_COLUMNS))
-                    await conn.execute(INDEXES)
+                    resolved = await _set_up_tables(conn, self.schema)
             except BaseException as exc:
                 await pool.close()
-                if isinstance(exc, _DB_ERRORS):
-                    raise StoreError(f"cannot create the schema in {redact_url(self.url)}: {exc}") from exc
+                if isinstance(exc, (*_DB_ERRORS, StoreError)):
+                    raise StoreError(f"cannot set up the tables in {redact_url(self.url)}: {exc}") from exc
                 raise
+            self._sql = Statements(resolved, DIALECT)
+            self._clock = clock_for(self._clock, resolved)
             self._pool = pool
 
     async def close(self) -> None:
@@ -124,26 +158,26 @@ class PostgresStore:
             if pool is not None:
                 await pool.close()
 
-    def _require_pool(self) -> asyncpg.Pool:
-        if self._pool is None:
+    def _require_open(self) -> tuple[asyncpg.Pool, Statements]:
+        if self._pool is None or self._sql is None:
             raise StoreError(f"{self!r} is not open")
-        return self._pool
+        return self._pool, self._sql
 
-    async def _read(self, work: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
-        pool = self._require_pool()
+    async def _read(self, work: Callable[[asyncpg.Connection, Statements], Awaitable[T]]) -> T:
+        pool, sql = self._require_open()
         try:
             async with pool.acquire() as conn:
-                return await work(conn)
+                return await work(conn, sql)
         except _DB_ERRORS as exc:
             raise StoreError(f"{redact_url(self.url)}: {exc}") from exc
 
-    async def _write(self, work: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
-        pool = self._require_pool()
+    async def _write(self, work: Callable[[asyncpg.Connection, Statements], Awaitable[T]]) -> T:
+        pool, sql = self._require_open()
 
         async def run() -> T:
             try:
                 async with pool.acquire() as conn, conn.transaction():
-                    return await work(conn)
+                    return await work(conn, sql)
             except _DB_ERRORS as exc:
                 raise StoreError(f"{redact_url(self.url)}: {exc}") from exc
 
@@ -163,43 +197,37 @@ class PostgresStore:
         self, user_id: str | None, title: str = "", thread_id: str | None = None
     ) -> Thread:
         user = check_optional_id(user_id, "user_id")
-        tid = new_id() if thread_id is None else check_id(thread_id, "thread_id")
+        tid = None if thread_id is None else check_id(thread_id, "thread_id")
 
-        async def work(conn: asyncpg.Connection) -> Thread:
-            now = self._clock.now()
+        async def work(conn: asyncpg.Connection, sql: Statements) -> Thread:
+            insert, thread = sql.new_thread(user, title, tid, self._clock.now())
             try:
-                await conn.execute(
-                    "INSERT INTO conversations (id, user_id, title, created_at, updated_at)"
-                    " VALUES ($1, $2, $3, $4, $4)",
-                    tid,
-                    user,
-                    title,
-                    now,
-                )
+                row_id = await _insert(conn, insert, sql.threads, "create a thread")
             except asyncpg.UniqueViolationError as exc:
-                raise ThreadExists(f"thread {tid!r} already exists") from exc
-            return Thread(id=tid, user_id=user, title=title, created_at=now, updated_at=now)
+                raise ThreadExists(f"thread {thread.id or tid!r} already exists") from exc
+            return with_id(thread, row_id) if insert.returns_id else thread
 
         return await self._write(work)
 
     async def get_thread(self, thread_id: str) -> Thread | None:
-        async def work(conn: asyncpg.Connection) -> Thread | None:
-            row = await conn.fetchrow(_THREAD_SELECT + " WHERE id = $1", thread_id)
-            return None if row is None else thread_from_row(row)
+        async def work(conn: asyncpg.Connection, sql: Statements) -> Thread | None:
+            key = sql.thread_key(thread_id)
+            if key is None:
+                return None
+            query = sql.select_thread(key)
+            row = await conn.fetchrow(query.sql, *query.args)
+            return None if row is None else sql.thread_from_row(row)
 
         return await self._read(work)
 
     async def list_threads(self, user_id: str | None, limit: int = 50) -> list[Thread]:
         check_limit(limit)
-        # Two spellings rather than IS NOT DISTINCT FROM, which cannot use the index.
-        where = "user_id IS NULL" if user_id is None else "user_id = $2"
-        args: tuple[object, ...] = (limit,) if user_id is None else (limit, user_id)
 
-        async def work(conn: asyncpg.Connection) -> list[Thread]:
-            rows = await conn.fetch(
-                _THREAD_SELECT + f" WHERE {where} ORDER BY updated_at DESC, id DESC LIMIT $1", *args
-            )
-            return [thread_from_row(row) for row in rows]
+        async def work(conn: asyncpg.Connection, sql: Statements) -> list[Thread]:
+            query = sql.list_threads(user_id, limit)
+            if query is None:
+                return []
+            return [sql.thread_from_row(row) for row in await conn.fetch(query.sql, *query.args)]
 
         return await self._read(work)
 
@@ -217,32 +245,16 @@ class PostgresStore:
         turn_id: str | None = None,
     ) -> StoredMessage:
         # created_at is stamped when the row is written: inside the transaction.
-        message = draft_message(thread_id, role, content, content_type, interrupted, session_id, turn_id)
+        draft = draft_message(thread_id, role, content, content_type, interrupted, session_id, turn_id)
 
-        async def work(conn: asyncpg.Connection) -> StoredMessage:
-            now = self._clock.now()
-            # GREATEST: a concurrent write that stamped a later time may have committed first.
-            found = await conn.fetchval(
-                "UPDATE conversations SET updated_at = GREATEST(updated_at, $2) WHERE id = $1 RETURNING id",
-                thread_id,
-                now,
-            )
-            if found is None:
+        async def work(conn: asyncpg.Connection, sql: Statements) -> StoredMessage:
+            new = sql.new_message(draft, self._clock.now())
+            # The UPDATE (GREATEST: a concurrent write that stamped a later time may have
+            # committed first) locks the thread's row until the message is in.
+            if new is None or await conn.fetchval(new.touch.sql, *new.touch.args) is None:
                 raise ThreadNotFound(f"no thread {thread_id!r}")
-            await conn.execute(
-                "INSERT INTO messages (" + ", ".join(MESSAGE_COLUMNS) + ")"
-                " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
-                message.id,
-                thread_id,
-                message.role,
-                content,
-                message.content_type,
-                message.interrupted,
-                message.session_id,
-                message.turn_id,
-                now,
-            )
-            return dataclasses.replace(message, created_at=now)
+            row_id = await _insert(conn, new.insert, sql.messages, "add a message")
+            return with_id(new.message, row_id) if new.insert.returns_id else new.message
 
         # The transaction commits before _write returns. With the server's default
         # synchronous_commit=on, that is after the commit record is flushed to its WAL.
@@ -250,18 +262,25 @@ class PostgresStore:
 
     async def list_messages(self, thread_id: str, limit: int = 500) -> list[StoredMessage]:
         check_limit(limit)
-        columns = ", ".join(MESSAGE_COLUMNS)
 
-        async def work(conn: asyncpg.Connection) -> list[StoredMessage]:
-            rows = await conn.fetch(
-                f"SELECT {columns} FROM (SELECT seq, {columns} FROM messages WHERE conversation_id = $1"
-                " ORDER BY seq DESC LIMIT $2) AS latest ORDER BY seq",
-                thread_id,
-                limit,
-            )
-            return [message_from_row(row) for row in rows]
+        async def work(conn: asyncpg.Connection, sql: Statements) -> list[StoredMessage]:
+            query = sql.list_messages(thread_id, limit)
+            if query is None:
+                return []
+            return sql.messages_from_rows(await conn.fetch(query.sql, *query.args))
 
         return await self._read(work)
+
+
+async def _insert(conn: asyncpg.Connection, insert: Insert, table: ResolvedTable, what: str) -> object:
+    """Run ``insert``; the id the database assigned, if it assigns it."""
+    try:
+        if insert.returns_id:
+            return await conn.fetchval(insert.sql, *insert.args)
+        await conn.execute(insert.sql, *insert.args)
+        return None
+    except asyncpg.NotNullViolationError as exc:
+        raise not_null_error(table.name, str(exc.column_name), what) from exc
 
 
 def redact_url(url: str) -> str:
@@ -274,16 +293,67 @@ def redact_url(url: str) -> str:
     return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
 
 
-async def _check_columns(conn: asyncpg.Connection, table: str, wanted: tuple[str, ...]) -> None:
-    rows = await conn.fetch(
-        "SELECT column_name FROM information_schema.columns"
-        " WHERE table_schema = current_schema() AND table_name = $1",
-        table,
+# -- introspection -------------------------------------------------------------------------------
+
+
+async def _set_up_tables(conn: asyncpg.Connection, config: SchemaConfig) -> ResolvedSchema:
+    """Create the tables that are missing, then find the fields' columns in all of them."""
+    threads_info, new_threads = await _ensure_table(
+        conn, config.threads_table, lambda: threads_ddl(config, LAYOUT)
     )
-    have = {str(row[0]) for row in rows}
-    missing = [c for c in wanted if c not in have]
-    if missing:
-        raise StoreError(
-            f"table {table!r} exists but is not rtcvoice's (no column {', '.join(missing)}): use a "
-            "database of its own, or add ?search_path=rtcvoice to the URL after CREATE SCHEMA rtcvoice"
-        )
+    threads = resolve_table(THREAD, threads_info, config)
+    messages_info, new_messages = await _ensure_table(
+        conn, config.messages_table, lambda: messages_ddl(config, LAYOUT, threads)
+    )
+    messages = resolve_table(MESSAGE, messages_info, config)
+    # After the resolution, whose errors say that a table is someone else's; never on an app's table.
+    for ddl in (
+        *index_ddl(config, THREAD, threads_info, threads, new_threads),
+        *index_ddl(config, MESSAGE, messages_info, messages, new_messages),
+    ):
+        await conn.execute(ddl)
+    return ResolvedSchema(threads, messages)
+
+
+async def _ensure_table(
+    conn: asyncpg.Connection, name: str, ddl: Callable[[], str]
+) -> tuple[TableInfo, bool]:
+    """The table's columns, creating it first if it is missing; and whether it was created."""
+    info = await _table_info(conn, name)
+    if info is not None:
+        return info, False
+    await conn.execute(ddl())
+    created = await _table_info(conn, name)
+    assert created is not None
+    return created, True
+
+
+async def _table_info(conn: asyncpg.Connection, name: str) -> TableInfo | None:
+    # Then in lower case: a table the app created with an unquoted CamelCase name is stored so.
+    for candidate in dict.fromkeys((name, name.lower())):
+        found = await conn.fetchrow(_FIND_TABLE, quote_table(candidate))
+        if found is not None:
+            rows = await conn.fetch(_COLUMNS, found[0], found[1], found[2])
+            return TableInfo(candidate, tuple(_column(row) for row in rows))
+    return None
+
+
+def _column(row: asyncpg.Record) -> Column:
+    name, data_type, default, is_identity, is_nullable, precision, is_generated, declared = row
+    kind = _KINDS.get(str(data_type), Kind.TEXT)
+    identity = is_identity == "YES"
+    serial = isinstance(default, str) and default.startswith("nextval(")
+    return Column(
+        name=str(name),
+        kind=kind,
+        declared=str(declared),
+        generated=kind is Kind.INTEGER and (identity or serial),
+        needs_value=is_nullable == "NO" and default is None and not identity and is_generated != "ALWAYS",
+        fraction_digits=_fraction_digits(str(data_type), precision),
+    )
+
+
+def _fraction_digits(data_type: str, precision: int | None) -> int:
+    if data_type in ("smallint", "integer"):
+        return 0  # too small for epoch milliseconds: a time there is in seconds
+    return 6 if precision is None else int(precision)

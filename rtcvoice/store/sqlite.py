@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import os
+import re
 import sqlite3
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -13,8 +13,6 @@ from contextlib import contextmanager
 from typing import TypeVar
 
 from .base import (
-    MESSAGE_COLUMNS,
-    THREAD_COLUMNS,
     MonotonicClock,
     StoredMessage,
     StoreError,
@@ -26,43 +24,42 @@ from .base import (
     check_optional_id,
     draft_message,
     log_orphaned_failure,
-    message_from_row,
-    new_id,
-    thread_from_row,
+)
+from .schema import (
+    MESSAGE,
+    THREAD,
+    Column,
+    Dialect,
+    Insert,
+    Kind,
+    LayoutTypes,
+    ResolvedSchema,
+    ResolvedTable,
+    SchemaConfig,
+    Statements,
+    TableInfo,
+    clock_for,
+    index_ddl,
+    messages_ddl,
+    not_null_error,
+    quote_table,
+    resolve_table,
+    threads_ddl,
+    with_id,
 )
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-TABLES = """
-CREATE TABLE IF NOT EXISTS conversations (
-    id TEXT PRIMARY KEY,
-    user_id TEXT,
-    title TEXT NOT NULL DEFAULT '',
-    created_at REAL NOT NULL,
-    updated_at REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS messages (
-    -- AUTOINCREMENT: a seq is never reused, even after deletes, so seq order is insertion order.
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    id TEXT NOT NULL UNIQUE,
-    conversation_id TEXT NOT NULL REFERENCES conversations (id) ON DELETE CASCADE,
-    role TEXT NOT NULL CHECK (role IN ('user', 'assistant', 'system')),
-    content TEXT NOT NULL,
-    content_type TEXT NOT NULL DEFAULT 'voice' CHECK (content_type IN ('text', 'voice')),
-    interrupted INTEGER NOT NULL DEFAULT 0 CHECK (interrupted IN (0, 1)),
-    session_id TEXT,
-    turn_id TEXT,
-    created_at REAL NOT NULL
-);
-"""
-INDEXES = """
-CREATE INDEX IF NOT EXISTS conversations_user_updated ON conversations (user_id, updated_at);
-CREATE INDEX IF NOT EXISTS messages_conversation_seq ON messages (conversation_id, seq);
-"""
-
-_THREAD_SELECT = "SELECT " + ", ".join(THREAD_COLUMNS) + " FROM conversations"
+# julianday() reads every ISO 8601 variant, with or without "T", offset or "Z".
+DIALECT = Dialect(placeholder=lambda _: "?", text_time=lambda expr: f"julianday({expr})", returning=False)
+LAYOUT = LayoutTypes(
+    time="REAL",
+    seq="INTEGER PRIMARY KEY AUTOINCREMENT",
+    flag="INTEGER NOT NULL DEFAULT 0 CHECK ({column} IN (0, 1))",
+)
+_WITHOUT_ROWID = re.compile(r"\bWITHOUT\s+ROWID\b", re.IGNORECASE)
 
 
 class SqliteStore:
@@ -73,12 +70,22 @@ class SqliteStore:
     sessions, which is what SQLite allows anyway, without lock contention inside the process.
     A write whose caller is cancelled still runs to its end on that thread (a turn cancelled
     by barge-in may be storing its reply), and ``close`` runs after it.
+
+    ``schema`` names the tables (an app's own, possibly; see schema.py); None is rtcvoice's own.
     """
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, schema: SchemaConfig | None = None) -> None:
         self.path = path
+        self.schema = schema or SchemaConfig()
+        for setting, table in (
+            ("db_threads_table", self.schema.threads_table),
+            ("db_messages_table", self.schema.messages_table),
+        ):
+            if "." in table:
+                raise StoreError(f"{setting} {table!r}: a schema. prefix is for PostgreSQL, not SQLite")
         self._executor: ThreadPoolExecutor | None = None
         self._conn: sqlite3.Connection | None = None  # only ever touched on the executor's thread
+        self._sql: Statements | None = None  # set by open, from the tables it found
         self._clock = MonotonicClock()
         self._lifecycle = asyncio.Lock()
 
@@ -139,17 +146,34 @@ class SqliteStore:
             conn.execute("PRAGMA foreign_keys = ON")
             # Statement by statement: executescript() would COMMIT the open transaction first.
             with _transaction(conn):
-                _execute_all(conn, TABLES)
-                # Before the indexes, whose errors would not say that the table is someone else's.
-                _check_columns(conn, "conversations", THREAD_COLUMNS)
-                _check_columns(conn, "messages", ("seq", *MESSAGE_COLUMNS))
-                _execute_all(conn, INDEXES)
+                resolved = self._set_up_tables(conn)
         except BaseException as exc:
             conn.close()
-            if isinstance(exc, sqlite3.Error):
+            if isinstance(exc, sqlite3.Error | StoreError):
                 raise StoreError(f"cannot set up SQLite database {self.path!r}: {exc}") from exc
             raise
+        self._sql = Statements(resolved, DIALECT)
+        self._clock = clock_for(self._clock, resolved)
         self._conn = conn
+
+    def _set_up_tables(self, conn: sqlite3.Connection) -> ResolvedSchema:
+        """Create the tables that are missing, then find the fields' columns in all of them."""
+        config = self.schema
+        threads_info, new_threads = _ensure_table(
+            conn, config.threads_table, lambda: threads_ddl(config, LAYOUT)
+        )
+        threads = resolve_table(THREAD, threads_info, config)
+        messages_info, new_messages = _ensure_table(
+            conn, config.messages_table, lambda: messages_ddl(config, LAYOUT, threads)
+        )
+        messages = resolve_table(MESSAGE, messages_info, config)
+        # After the resolution, whose errors say that a table is someone else's; never on an app's table.
+        for ddl in (
+            *index_ddl(config, THREAD, threads_info, threads, new_threads),
+            *index_ddl(config, MESSAGE, messages_info, messages, new_messages),
+        ):
+            conn.execute(ddl)
+        return ResolvedSchema(threads, messages)
 
     def _close_in_thread(self) -> None:
         conn, self._conn = self._conn, None
@@ -161,10 +185,10 @@ class SqliteStore:
             raise StoreError(f"{self!r} is not open")
         return self._executor
 
-    async def _run(self, work: Callable[[sqlite3.Connection], T]) -> T:
+    async def _run(self, work: Callable[[sqlite3.Connection, Statements], T]) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._require_executor(), self._call, work)
 
-    async def _write(self, work: Callable[[sqlite3.Connection], T]) -> T:
+    async def _write(self, work: Callable[[sqlite3.Connection, Statements], T]) -> T:
         # Not run_in_executor: cancelling its future un-queues a job that has not started yet,
         # and a turn cancelled by barge-in would then lose the reply it was storing.
         done = asyncio.wrap_future(self._require_executor().submit(self._call, work))
@@ -174,12 +198,12 @@ class SqliteStore:
             done.add_done_callback(log_orphaned_failure)
             raise
 
-    def _call(self, work: Callable[[sqlite3.Connection], T]) -> T:
-        conn = self._conn
-        if conn is None:
+    def _call(self, work: Callable[[sqlite3.Connection, Statements], T]) -> T:
+        conn, sql = self._conn, self._sql
+        if conn is None or sql is None:
             raise StoreError(f"{self!r} is closed")
         try:
-            return work(conn)
+            return work(conn, sql)
         except sqlite3.Error as exc:
             raise StoreError(f"SQLite {self.path!r}: {exc}") from exc
 
@@ -189,38 +213,39 @@ class SqliteStore:
         self, user_id: str | None, title: str = "", thread_id: str | None = None
     ) -> Thread:
         user = check_optional_id(user_id, "user_id")
-        tid = new_id() if thread_id is None else check_id(thread_id, "thread_id")
+        tid = None if thread_id is None else check_id(thread_id, "thread_id")
 
-        def work(conn: sqlite3.Connection) -> Thread:
-            now = self._clock.now()
+        def work(conn: sqlite3.Connection, sql: Statements) -> Thread:
+            insert, thread = sql.new_thread(user, title, tid, self._clock.now())
             try:
-                conn.execute(
-                    "INSERT INTO conversations (id, user_id, title, created_at, updated_at) VALUES (?, ?, ?, ?, ?)",
-                    (tid, user, title, now, now),
-                )
+                cursor = conn.execute(insert.sql, insert.args)
             except sqlite3.IntegrityError as exc:
-                raise ThreadExists(f"thread {tid!r} already exists") from exc
-            return Thread(id=tid, user_id=user, title=title, created_at=now, updated_at=now)
+                if "UNIQUE" in str(exc) or "PRIMARY KEY" in str(exc):
+                    raise ThreadExists(f"thread {thread.id or tid!r} already exists") from exc
+                raise _integrity_error(exc, sql.threads, "create a thread") from exc
+            return with_id(thread, cursor.lastrowid) if insert.returns_id else thread
 
         return await self._write(work)
 
     async def get_thread(self, thread_id: str) -> Thread | None:
-        def work(conn: sqlite3.Connection) -> Thread | None:
-            row = conn.execute(_THREAD_SELECT + " WHERE id = ?", (thread_id,)).fetchone()
-            return None if row is None else thread_from_row(row)
+        def work(conn: sqlite3.Connection, sql: Statements) -> Thread | None:
+            key = sql.thread_key(thread_id)
+            if key is None:
+                return None
+            query = sql.select_thread(key)
+            row = conn.execute(query.sql, query.args).fetchone()
+            return None if row is None else sql.thread_from_row(row)
 
         return await self._run(work)
 
     async def list_threads(self, user_id: str | None, limit: int = 50) -> list[Thread]:
         check_limit(limit)
 
-        def work(conn: sqlite3.Connection) -> list[Thread]:
-            # "IS" matches NULL to NULL, so user_id None lists exactly the threads without a user.
-            rows = conn.execute(
-                _THREAD_SELECT + " WHERE user_id IS ? ORDER BY updated_at DESC, id DESC LIMIT ?",
-                (user_id, limit),
-            ).fetchall()
-            return [thread_from_row(row) for row in rows]
+        def work(conn: sqlite3.Connection, sql: Statements) -> list[Thread]:
+            query = sql.list_threads(user_id, limit)
+            if query is None:
+                return []
+            return [sql.thread_from_row(row) for row in conn.execute(query.sql, query.args)]
 
         return await self._run(work)
 
@@ -238,48 +263,30 @@ class SqliteStore:
         turn_id: str | None = None,
     ) -> StoredMessage:
         # created_at is stamped when the row is written: on the store's thread, in commit order.
-        message = draft_message(thread_id, role, content, content_type, interrupted, session_id, turn_id)
+        draft = draft_message(thread_id, role, content, content_type, interrupted, session_id, turn_id)
 
-        def work(conn: sqlite3.Connection) -> StoredMessage:
-            now = self._clock.now()
+        def work(conn: sqlite3.Connection, sql: Statements) -> StoredMessage:
+            new = sql.new_message(draft, self._clock.now())
+            if new is None:
+                raise ThreadNotFound(f"no thread {thread_id!r}")
             with _transaction(conn):
-                # max(): another process sharing the file may have stamped a later time already.
-                updated = conn.execute(
-                    "UPDATE conversations SET updated_at = max(updated_at, ?) WHERE id = ?", (now, thread_id)
-                ).rowcount
-                if updated == 0:
+                touched = conn.execute(new.touch.sql, new.touch.args)
+                found = touched.rowcount > 0 if new.touch.is_update else touched.fetchone() is not None
+                if not found:
                     raise ThreadNotFound(f"no thread {thread_id!r}")
-                conn.execute(
-                    "INSERT INTO messages ("
-                    + ", ".join(MESSAGE_COLUMNS)
-                    + ") VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (
-                        message.id,
-                        thread_id,
-                        message.role,
-                        content,
-                        message.content_type,
-                        int(message.interrupted),
-                        message.session_id,
-                        message.turn_id,
-                        now,
-                    ),
-                )
-            return dataclasses.replace(message, created_at=now)
+                row_id = _insert(conn, new.insert, sql.messages, "add a message")
+            return with_id(new.message, row_id) if new.insert.returns_id else new.message
 
         return await self._write(work)
 
     async def list_messages(self, thread_id: str, limit: int = 500) -> list[StoredMessage]:
         check_limit(limit)
-        columns = ", ".join(MESSAGE_COLUMNS)
 
-        def work(conn: sqlite3.Connection) -> list[StoredMessage]:
-            rows = conn.execute(
-                f"SELECT {columns} FROM (SELECT seq, {columns} FROM messages WHERE conversation_id = ?"
-                " ORDER BY seq DESC LIMIT ?) ORDER BY seq",
-                (thread_id, limit),
-            ).fetchall()
-            return [message_from_row(row) for row in rows]
+        def work(conn: sqlite3.Connection, sql: Statements) -> list[StoredMessage]:
+            query = sql.list_messages(thread_id, limit)
+            if query is None:
+                return []
+            return sql.messages_from_rows(conn.execute(query.sql, query.args))
 
         return await self._run(work)
 
@@ -299,17 +306,72 @@ def _transaction(conn: sqlite3.Connection) -> Iterator[None]:
     conn.execute("COMMIT")
 
 
-def _execute_all(conn: sqlite3.Connection, script: str) -> None:
-    for statement in script.split(";"):
-        if statement.strip():
-            conn.execute(statement)
+def _insert(conn: sqlite3.Connection, insert: Insert, table: ResolvedTable, what: str) -> int | None:
+    try:
+        return conn.execute(insert.sql, insert.args).lastrowid
+    except sqlite3.IntegrityError as exc:
+        raise _integrity_error(exc, table, what) from exc
 
 
-def _check_columns(conn: sqlite3.Connection, table: str, wanted: tuple[str, ...]) -> None:
-    have = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
-    missing = [c for c in wanted if c not in have]
-    if missing:
-        raise StoreError(
-            f"table {table!r} in {conn.execute('PRAGMA database_list').fetchone()[2]!r} is not rtcvoice's "
-            f"(no column {', '.join(missing)}): point db_path at a file of its own"
-        )
+def _integrity_error(exc: sqlite3.IntegrityError, table: ResolvedTable, what: str) -> StoreError:
+    message = str(exc)
+    prefix = "NOT NULL constraint failed: "
+    if message.startswith(prefix):
+        return not_null_error(table.name, message.removeprefix(prefix).rsplit(".", 1)[-1], what)
+    return StoreError(f"cannot {what} in table {table.name!r}: {message}")
+
+
+# -- introspection -------------------------------------------------------------------------------
+
+
+def _ensure_table(conn: sqlite3.Connection, name: str, ddl: Callable[[], str]) -> tuple[TableInfo, bool]:
+    """The table's columns, creating it first if it is missing; and whether it was created."""
+    info = _table_info(conn, name)
+    if info is not None:
+        return info, False
+    conn.execute(ddl())
+    created = _table_info(conn, name)
+    assert created is not None
+    return created, True
+
+
+def _table_info(conn: sqlite3.Connection, name: str) -> TableInfo | None:
+    rows = conn.execute(f"PRAGMA table_info({quote_table(name)})").fetchall()
+    if not rows:
+        return None
+    found = conn.execute(
+        "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = ? COLLATE NOCASE", (name,)
+    ).fetchone()
+    # A view, or a WITHOUT ROWID table, has no rowid to give insertion order.
+    has_rowid = found is not None and not _WITHOUT_ROWID.search(found[0] or "")
+    # Only a lone INTEGER PRIMARY KEY is the rowid, which the database assigns.
+    single_pk = sum(1 for row in rows if row[5] > 0) == 1
+    return TableInfo(
+        name, tuple(_column(row, rowid_alias=has_rowid and single_pk) for row in rows), has_rowid=has_rowid
+    )
+
+
+def _column(row: tuple[int, str, str, int, str | None, int], *, rowid_alias: bool) -> Column:
+    _, name, declared, notnull, default, pk = row
+    generated = rowid_alias and pk > 0 and declared.strip().upper() == "INTEGER"
+    return Column(
+        name=name,
+        kind=_kind(declared),
+        declared=declared,
+        generated=generated,
+        needs_value=bool(notnull) and default is None and not generated,
+    )
+
+
+def _kind(declared: str) -> Kind:
+    # SQLite's own affinity rules (https://sqlite.org/datatype3.html), INT first as there, but
+    # DATE/TIME types as text: the ISO form Sequelize and SQLAlchemy write into DATETIME columns.
+    upper = declared.upper()
+    if "INT" in upper:
+        return Kind.INTEGER
+    if "BOOL" in upper:
+        return Kind.BOOLEAN
+    if any(word in upper for word in ("CHAR", "CLOB", "TEXT", "DATE", "TIME")):
+        return Kind.TEXT
+    # REAL, FLOAT, DOUBLE, NUMERIC, DECIMAL and untyped columns keep numbers as they are given.
+    return Kind.REAL
