@@ -68,7 +68,11 @@ def main(argv: list[str] | None = None) -> int:
 
         return asyncio.run(run_bench(args))
     if args.command == "serve":
-        settings = Settings.from_args(args)
+        try:
+            settings = Settings.from_args(args)
+        except ValueError as exc:  # e.g. RTCVOICE_CREATE_UNKNOWN_THREADS=maybe
+            print(f"rtcvoice: cannot start: {exc}", file=sys.stderr)
+            return 2
         _setup_logging(settings.log_level)
         return asyncio.run(_serve(settings))
     _setup_logging("WARNING")
@@ -87,16 +91,38 @@ async def _serve(settings: Settings) -> int:
     from aiohttp import web
 
     from .engines import EngineError, load_engines
+    from .engines.languages import check_language
     from .server import create_app
+    from .server.cors import parse_origins
+    from .server.urls import check_public_url
+    from .store import StoreError
 
+    try:
+        # Settings that cannot work stop the server before minutes of model loading.
+        check_public_url(settings.public_url)
+        parse_origins(settings.cors_origins)
+    except ValueError as exc:
+        print(f"rtcvoice: cannot start: {exc}", file=sys.stderr)
+        return 2
     try:
         engines = await load_engines(settings)
     except EngineError as exc:
         print(f"rtcvoice: cannot start: {exc}", file=sys.stderr)
         return 2
+    try:
+        check_language(engines, settings.language)
+    except EngineError as exc:
+        await engines.aclose()
+        print(f"rtcvoice: cannot start: language={settings.language}: {exc}", file=sys.stderr)
+        return 2
     app = create_app(settings, engines=engines)
     runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
+    try:
+        await runner.setup()  # opens the thread store
+    except StoreError as exc:
+        await engines.aclose()
+        print(f"rtcvoice: cannot start: {exc}", file=sys.stderr)
+        return 2
     try:
         site = web.TCPSite(runner, settings.host, settings.port)
         await site.start()

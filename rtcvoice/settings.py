@@ -30,6 +30,16 @@ class Settings:
     port: int = _opt(8080, "HTTP port.")
     web_dir: str = _opt("", "Folder served at / (default: the web/ folder next to the package, if present).")
     log_level: str = _opt("INFO", "Logging level.", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    public_url: str = _opt(
+        "",
+        "The base URL clients reach this server at (https://voice.example.com), used for the absolute "
+        "ws_url in session/start replies. Empty: the scheme and host of each request.",
+    )
+    cors_origins: str = _opt(
+        "",
+        "Comma-separated origins (http://localhost:5173) whose pages may call the API and Socket.IO "
+        "from another origin; * allows any. Empty: none (same-origin only).",
+    )
     ice_servers: str = _opt(
         "",
         "Comma-separated STUN/TURN URLs for both peers: stun:HOST[:PORT], "
@@ -90,6 +100,20 @@ class Settings:
     auth_jwt_audience: str = _opt("", "Required 'aud' claim, if any.")
     auth_jwt_issuer: str = _opt("", "Required 'iss' claim, if any.")
     auth_user_claim: str = _opt("sub", "JWT claim that holds the user id.")
+    auth_require_exp: bool = _opt(
+        True, "Refuse JWTs without an 'exp' claim. Turn off only for an app whose tokens never carry one."
+    )
+    internal_token: str = _opt(
+        "",
+        "Bearer token a backend must send on the AI-service routes (/internal/ai/session/start and "
+        "/session/{id}/ws). Empty: those routes follow the JWT auth of the rest of the API.",
+    )
+    realtime_open_user_route: bool = _opt(
+        False,
+        "Serve /api/v1/streaming/realtime/{user_id} without a token even when auth is on (the bare "
+        "/api/v1/streaming/realtime still needs one): the split of the realtime API's original design. "
+        "Anyone who can reach the server can then talk as any user id.",
+    )
     # -- turn taking ----------------------------------------------------------------------------
     vad_threshold: float = _opt(0.5, "Silero speech probability above which a 32 ms window is speech.")
     end_of_turn_silence_ms: int = _opt(
@@ -123,7 +147,11 @@ class Settings:
         "Whisper encodes utterances up to this long minus 1.5 s in a window this long instead of its "
         "full 30 s: about 3x faster on a CPU at the same accuracy in our tests. 30 turns it off.",
     )
-    language: str = _opt("en", "Default spoken language.")
+    language: str = _opt(
+        "en",
+        "Default spoken language (ISO 639-1, e.g. en, hi; en-US is read as en). A session asking for a "
+        "language the configured STT or TTS cannot serve is refused.",
+    )
     # -- agent ----------------------------------------------------------------------------------
     agent: str = _opt(
         "auto",
@@ -142,6 +170,11 @@ class Settings:
     llm_max_tokens: int = _opt(200, "Longest reply in tokens.")
     llm_temperature: float = _opt(0.7, "Sampling temperature.")
     llm_timeout_s: float = _opt(30.0, "Give up on an agent reply after this long without progress.")
+    llm_stream_usage: bool = _opt(
+        True,
+        "Ask the OpenAI-compatible endpoint for token usage (stream_options.include_usage); turn off for "
+        "a server that rejects stream_options.",
+    )
     llm_threads: int = _opt(0, "CPU threads for the local LLM (0: all cores).")
     webhook_url: str = _opt("", "URL of your backend for agent=webhook (POST, JSON in, text/SSE/JSON out).")
     webhook_token: str = _opt("", "Bearer token sent to the webhook.")
@@ -155,6 +188,27 @@ class Settings:
     database_url: str = _opt(
         "", "PostgreSQL URL (postgresql://user:pass@host/db); when set, used instead of SQLite."
     )
+    db_threads_table: str = _opt(
+        "conversations",
+        "Table of threads: point it at your app's own (e.g. chat_conversations) so voice and text chat "
+        "share threads. An existing table is used as it is; its columns are found by name (snake_case "
+        "or camelCase) or set with db_columns.",
+    )
+    db_messages_table: str = _opt(
+        "messages", "Table of messages (e.g. chat_messages); see db_threads_table."
+    )
+    db_columns: str = _opt(
+        "",
+        "Column names where your tables differ from what is found by name: comma-separated "
+        "thread.FIELD=column or message.FIELD=column, e.g. message.thread_id=chatId,thread.user_id=ownerId. "
+        "Fields: thread.id/user_id/title/created_at/updated_at, message.id/thread_id/role/content/"
+        "content_type/interrupted/session_id/turn_id/created_at/seq.",
+    )
+    create_unknown_threads: bool = _opt(
+        True,
+        "A thread id the store does not know (your app's chat id) is created, for the caller, on first "
+        "use. Off: unknown thread ids get 404. Another user's thread is never used either way.",
+    )
     # -- text to speech -------------------------------------------------------------------------
     tts: str = _opt(
         "hibari",
@@ -167,6 +221,11 @@ class Settings:
     tts_model: str = _opt("", "Model for tts=openai (default tts-1).")
     tts_base_url: str = _opt("", "Base URL for tts=openai / stt=openai (default: openai_base_url).")
     edge_tts_url: str = _opt("", "Override the edge-tts WebSocket endpoint (for tests and proxies).")
+    ws_output_sample_rate: int = _opt(
+        16000,
+        "Sample rate of the AI's PCM16 voice on the session WebSocket (8000-48000); a session may ask "
+        "for another with output_sample_rate on session/start. session.started states it.",
+    )
 
     # ----------------------------------------------------------------------------------------------
     @property
@@ -201,6 +260,9 @@ class Settings:
                 kwargs["type"] = int
             elif f.type in ("float", float):
                 kwargs["type"] = float
+            elif f.type in ("bool", bool):
+                kwargs["type"] = _parse_bool
+                kwargs["metavar"] = "{true,false}"
             if "choices" in f.metadata:
                 kwargs["choices"] = f.metadata["choices"]
             parser.add_argument("--" + f.name.replace("_", "-"), **kwargs)
@@ -219,6 +281,15 @@ def _env_names(f: dataclasses.Field[Any]) -> list[str]:
     return names
 
 
+def _parse_bool(raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"not a boolean: {raw!r} (use true or false)")
+
+
 def _coerce(f: dataclasses.Field[Any], raw: str) -> Any:
     kind = f.type
     if kind in ("int", int):
@@ -226,5 +297,5 @@ def _coerce(f: dataclasses.Field[Any], raw: str) -> Any:
     if kind in ("float", float):
         return float(raw)
     if kind in ("bool", bool):
-        return raw.strip().lower() in ("1", "true", "yes", "on")
+        return _parse_bool(raw)
     return raw

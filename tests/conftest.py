@@ -22,7 +22,7 @@ from pg import PostgresCluster
 from rtcvoice.engines import Engines, load_engines
 from rtcvoice.engines.agents.echo import EchoAgent
 from rtcvoice.engines.agents.openai_chat import OpenAIChatAgent
-from rtcvoice.engines.base import Agent
+from rtcvoice.engines.base import Agent, SpeechToText, TextToSpeech
 from rtcvoice.server import create_app
 from rtcvoice.settings import Settings
 
@@ -55,17 +55,25 @@ ServerFactory = Callable[..., Awaitable[str]]
 
 @pytest.fixture
 async def start_server(shared_engines: Engines, tmp_path: Path) -> AsyncIterator[ServerFactory]:
-    """Start a real rtcvoice server: ``await start_server(agent=..., **settings)`` → base URL."""
-    runners: list[web.AppRunner] = []
-    agents: list[Agent] = []
+    """Start a real rtcvoice server: ``await start_server(agent=..., **settings)`` → base URL.
 
-    async def start(agent: Agent | None = None, **overrides: Any) -> str:
+    ``agent``, ``stt`` and ``tts`` replace the shared engines for that server (and are closed after).
+    """
+    runners: list[web.AppRunner] = []
+    owned: list[Agent | SpeechToText | TextToSpeech] = []
+
+    async def start(
+        agent: Agent | None = None,
+        *,
+        stt: SpeechToText | None = None,
+        tts: TextToSpeech | None = None,
+        **overrides: Any,
+    ) -> str:
         overrides.setdefault("db_path", str(tmp_path / f"rtcvoice-{len(runners)}.db"))
         settings = BASE_SETTINGS.replace(**overrides)
-        engines = shared_engines
-        if agent is not None:
-            engines = dataclasses.replace(shared_engines, agent=agent)
-            agents.append(agent)
+        replaced = {k: v for k, v in (("agent", agent), ("stt", stt), ("tts", tts)) if v is not None}
+        engines = dataclasses.replace(shared_engines, **replaced) if replaced else shared_engines
+        owned.extend(replaced.values())
         app = create_app(settings, engines=engines)
         runner = web.AppRunner(app)
         await runner.setup()
@@ -78,8 +86,8 @@ async def start_server(shared_engines: Engines, tmp_path: Path) -> AsyncIterator
     yield start
     for runner in runners:
         await runner.cleanup()
-    for agent in agents:
-        await agent.aclose()
+    for engine in owned:
+        await engine.aclose()
 
 
 def openai_agent(fake: FakeOpenAI, **overrides: Any) -> OpenAIChatAgent:

@@ -8,7 +8,7 @@ from functools import lru_cache
 import jiwer
 import numpy as np
 
-from rtcvoice.audio import Int16Audio, float_to_int16, trim_silence
+from rtcvoice.audio import STT_RATE, Int16Audio, float_to_int16, resample_pcm, trim_silence
 
 TTS_RATE = 24_000
 
@@ -30,6 +30,11 @@ def speak(text: str, lead_s: float = 0.3, tail_s: float = 1.2) -> tuple[Int16Aud
     audio = trim_silence(_hibari()(text, seed=1), TTS_RATE, keep_lead_s=0.0, keep_tail_s=0.0)
     pad = lambda s: np.zeros(int(s * TTS_RATE), np.float32)  # noqa: E731
     return float_to_int16(np.concatenate([pad(lead_s), audio, pad(tail_s)])), TTS_RATE
+
+
+def at_16k(clip: tuple[Int16Audio, int]) -> Int16Audio:
+    """A clip from :func:`speak` as the PCM16 16 kHz mono that WebSocket clients send."""
+    return resample_pcm(clip[0], clip[1], STT_RATE)
 
 
 def normalize(text: str) -> str:

@@ -308,6 +308,10 @@ async def test_webhook_agent_sends_session_thread_transcript_history_and_bearer_
         "thread_id": "thread-9",
         "user_id": "user-7",
         "language": "en",
+        # The session made no choice of its own: the backend's defaults apply.
+        "model": None,
+        "temperature": None,
+        "max_tokens": None,
         "transcript": "And three plus three?",
         "messages": HISTORY,
     }

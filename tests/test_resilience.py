@@ -161,7 +161,7 @@ async def test_binary_garbage_on_the_websocket_gets_an_error_and_the_call_goes_o
     async with aiohttp.ClientSession() as http:
         async with http.post(f"{url}{API}/session/start", json={}) as resp:
             started = await resp.json()
-        async with http.ws_connect(url + started["ws_url"]) as ws:
+        async with http.ws_connect(started["ws_url"]) as ws:
             await ws.send_bytes(b"\x01\x02\x03")  # not whole samples
             await ws.send_bytes(rng.integers(0, 256, 5000, dtype=np.uint8).tobytes())  # noise, as audio
             await ws.send_bytes(b"\x00" * 200_000)  # larger than a frame may be

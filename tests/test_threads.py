@@ -16,7 +16,7 @@ import numpy as np
 from conftest import ServerFactory, openai_agent, serve_process
 from fake_openai import FakeOpenAI
 from pg import PostgresCluster
-from speech import speak, wer
+from speech import at_16k, speak, wer
 
 from rtcvoice.audio import STT_RATE, Int16Audio, int16_to_float, resample_pcm
 from rtcvoice.client import VoiceCallClient
@@ -26,10 +26,6 @@ from rtcvoice.store.sqlite import SqliteStore
 API = "/api/v1/voice"
 Q1, A1 = "What is the capital of France?", "Paris is the capital of France."
 Q2, A2 = "And how many people live there?", "About two million people live in Paris."
-
-
-def at_16k(clip: tuple[Int16Audio, int]) -> Int16Audio:
-    return resample_pcm(clip[0], clip[1], STT_RATE)
 
 
 async def messages(
@@ -95,16 +91,17 @@ async def test_a_webrtc_call_and_a_websocket_call_continue_one_thread(
         async with http.post(f"{url}{API}/session/start", json={"thread_id": thread}) as resp:
             started = await resp.json()
         assert started["thread_id"] == thread
-        events, audio = await ws_turn(http, url + started["ws_url"], at_16k(speak(Q2)))
+        events, audio = await ws_turn(http, started["ws_url"], at_16k(speak(Q2)))
         await asyncio.sleep(0.2)
         stored = await messages(http, url, thread)
 
     # The WebSocket carried the same events and the spoken answer.
     types = [e["type"] for e in events]
     assert types[0] == "session.started" and "final_transcript" in types and types[-1] == "end_of_response"
-    heard = await shared_engines.stt.transcribe(
-        int16_to_float(resample_pcm(np.frombuffer(audio, "<i2"), 24_000, STT_RATE))
-    )
+    # The socket's voice is at the rate session.started states (16 kHz unless asked otherwise).
+    out = events[0]["output_audio"]
+    assert (out["format"], out["sample_rate"]) == ("pcm16", 16_000)
+    heard = await shared_engines.stt.transcribe(int16_to_float(np.frombuffer(audio, "<i2")))
     assert wer(A2, heard) <= 0.3, heard
     # Both calls' turns are in the thread, in order, as voice messages.
     assert [(m["role"], m["content_type"]) for m in stored] == [
@@ -199,8 +196,10 @@ async def test_process_transcript_answers_over_plain_http_in_the_thread(
             assert w.getframerate() == 24_000 and w.getnframes() > 24_000 // 2
         async with http.post(f"{url}{API}/process-transcript", json={"transcript": " "}) as resp:
             assert resp.status == 400
+        # Another user's thread does not exist for them (an unknown id would be adopted instead).
         async with http.post(
-            f"{url}{API}/process-transcript", json={"transcript": "hi", "chat_id": "nope"}
+            f"{url}{API}/process-transcript",
+            json={"transcript": "hi", "chat_id": first["chat_id"], "user_id": "mallory"},
         ) as resp:
             assert resp.status == 404
         stored = await messages(http, url, first["chat_id"], "frank")
@@ -266,7 +265,7 @@ async def test_a_postgres_url_keeps_the_threads_in_postgres(
     async with aiohttp.ClientSession() as http:
         async with http.post(f"{url}{API}/session/start", json={"user_id": "gina"}) as resp:
             started = await resp.json()
-        events, _audio = await ws_turn(http, url + started["ws_url"], at_16k(speak(Q1)))
+        events, _audio = await ws_turn(http, started["ws_url"], at_16k(speak(Q1)))
         stored = await messages(http, url, started["thread_id"], "gina")
     assert events[-1]["type"] == "end_of_response"
     assert [(m["role"], m["content_type"]) for m in stored] == [("user", "voice"), ("assistant", "voice")]

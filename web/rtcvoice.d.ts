@@ -16,15 +16,33 @@ export interface ServerEventBase {
   turn_id?: string;
 }
 
+/** How audio travels on a transport: the WebSocket's binary frames, or Opus over WebRTC. */
+export interface AudioFormat {
+  /** "pcm16" (raw little-endian samples), "wav" (each frame a whole WAV file) or "opus". */
+  format: string;
+  sample_rate: number;
+  encoding?: string;
+  channels?: number;
+  /** Length of each binary frame of the AI's voice, in ms. */
+  frame_ms?: number;
+}
+
 export interface SessionStartedEvent extends ServerEventBase {
   type: "session.started";
+  /** null until the call's first message makes its thread (see `thread.updated`). */
   thread_id: string | null;
   agent: string;
+  /** The model the session asked for; null for the server's own. */
+  model: string | null;
   stt: string;
-  tts: string;
+  /** null on a text-only session (the client speaks the replies itself). */
+  tts: string | null;
   voice: string;
   language: string;
-  sample_rate: number;
+  /** What the client sends. */
+  input_audio: AudioFormat;
+  /** What the client receives; null on a text-only session. */
+  output_audio: AudioFormat | null;
 }
 
 /** The server is ending the call (its connection closes next). */
@@ -42,6 +60,9 @@ export interface SessionUpdatedEvent extends ServerEventBase {
   voice: string;
   language: string;
   speed: number;
+  model: string | null;
+  temperature: number | null;
+  max_tokens: number | null;
 }
 
 export interface StateEvent extends ServerEventBase {
@@ -68,6 +89,8 @@ export interface FinalTranscriptEvent extends ServerEventBase {
   type: "final_transcript";
   turn_id: string;
   text: string;
+  /** The stored message (null if it could not be stored). */
+  message_id?: string | null;
   /** True when the speech turned out to be noise: nothing is answered. */
   empty?: boolean;
   /**
@@ -90,6 +113,10 @@ export interface EndOfResponseEvent extends ServerEventBase {
   interrupted: boolean;
   /** The whole reply as generated (an interrupted one was not all heard). */
   text: string;
+  /** The stored reply: what the caller heard of it (null if nothing was stored). */
+  message_id: string | null;
+  /** Tokens the reply cost, where the agent reports them. */
+  usage: { input_tokens: number; output_tokens: number; total_tokens: number } | null;
 }
 
 /** Per-turn latency in milliseconds; null where a stage did not happen (a typed turn has no STT). */
@@ -210,6 +237,15 @@ export type ErrorCode =
   | "internal_error"
   /** Errors the server sends on the data channel keep its code (e.g. "agent_timeout"). */
   | (string & {});
+
+/**
+ * Float audio at any rate in, PCM16 frames at `outputRate` out (a windowed-sinc low-pass then
+ * polyphase resampling). `onFrame` gets each full frame; it may transfer its buffer.
+ */
+export declare class PcmDownsampler {
+  constructor(inputRate: number, outputRate: number, frameSamples: number, onFrame: (frame: Int16Array) => void);
+  push(input: Float32Array): void;
+}
 
 export declare class RtcVoiceError extends Error {
   constructor(

@@ -241,7 +241,7 @@ export async function fetchVoices(options = {}) {
  * at each output instant from a polyphase table. Self-contained: its source also runs inside the
  * capture AudioWorklet.
  */
-class PcmDownsampler {
+export class PcmDownsampler {
   constructor(inputRate, outputRate, frameSamples, onFrame) {
     this.step = inputRate / outputRate; // input samples per output sample
     this.onFrame = onFrame;
@@ -808,7 +808,9 @@ export class VoiceCall extends Emitter {
     // GET /api/v1/voice/session/{id}/ws: PCM16 16 kHz mono in, the same JSON events out, and the
     // AI's voice as PCM16 24 kHz binary frames.
     const audio = this._audio;
-    const started = await this._post(`${API_PREFIX}/session/start`, this._startBody());
+    // The server's default for this socket is 16 kHz; 24 kHz is what its voices are made at.
+    const body = { ...this._startBody(), output_sample_rate: WS_OUTPUT_RATE };
+    const started = await this._post(`${API_PREFIX}/session/start`, body);
     if (!started || typeof started.session_id !== "string") {
       throw new RtcVoiceError("bad_response", MESSAGES.bad_response);
     }

@@ -35,7 +35,9 @@ from ..audio import (
     rms_dbfs,
     trim_silence,
 )
+from ..engines.agents import check_model
 from ..engines.base import AgentContext, ChatMessage, EngineError, Engines, PreparingAgent
+from ..engines.languages import check_language, language_name
 from ..engines.vad import WINDOW, WINDOW_MS, VadStream
 from ..settings import Settings
 from .chunker import SentenceChunker
@@ -65,6 +67,8 @@ GAP_LEAD_S = 0.1  # ...and before each later sentence, so they do not run togeth
 GAP_TAIL_S = 0.15
 # A caller who speaks again this soon after a turn ended early as a question was not done.
 RESUME_WITHIN_S = 1.0
+# A push-to-talk client's end_of_input this soon after the silence ended the turn is about that turn.
+END_OF_INPUT_GRACE_S = 3.0
 
 
 class AudioSink(Protocol):
@@ -93,11 +97,11 @@ class AudioSink(Protocol):
 class Recorder(Protocol):
     """Keeps the call's messages in the thread it belongs to (the server's store)."""
 
-    def record(self, message: ChatMessage, meta: dict[str, Any]) -> asyncio.Future[None]:
-        """Queue one message for writing (order is kept); resolves once it is durably stored.
+    def record(self, message: ChatMessage, meta: dict[str, Any]) -> asyncio.Future[str | None]:
+        """Queue one message for writing (order is kept); resolves to its stored id once it is durable.
 
-        A failed write is the recorder's to report: the future resolves all the same, so a
-        broken database never stalls the call.
+        A failed write is the recorder's to report: the future resolves (to None) all the same,
+        so a broken database never stalls the call.
         """
         ...
 
@@ -112,6 +116,10 @@ class SessionConfig:
     instructions: str
     language: str
     speed: float
+    # The agent's own defaults apply where these are None.
+    model: str | None = None
+    temperature: float | None = None
+    max_tokens: int | None = None
 
 
 @dataclass
@@ -133,6 +141,8 @@ class Turn:
     shown: bool = True
     held: list[Callable[[], None]] = field(default_factory=list)
     user_message: ChatMessage | None = None
+    reply_id: str | None = None  # the stored assistant message
+    usage: dict[str, int] | None = None
     underruns: int = 0
     finished: bool = False
     # The silence that ended the turn: the configured one, or the shorter one for a question.
@@ -191,7 +201,7 @@ class Conversation:
         settings: Settings,
         engines: Engines,
         vad: VadStream,
-        sink: AudioSink,
+        sink: AudioSink | None,
         send: Callable[[Event], None],
         executor: Executor | None = None,
         thread_id: str | None = None,
@@ -216,6 +226,8 @@ class Conversation:
             speed=settings.tts_speed,
         )
         self.history: list[ChatMessage] = list(history or [])
+        # How the AI's replies are stored: spoken on a call with audio, else shown as text.
+        self.content_type = "voice" if sink is not None else "text"
         self.state: State = "listening"
         self.detector = TurnDetector(
             window_ms=WINDOW_MS,
@@ -232,6 +244,7 @@ class Conversation:
         self._last_partial_at = 0.0
         self._last_partial_text = ""
         self._speech_end_at: float | None = None
+        self._turn_ended_at = -1e9  # when the last voice turn ended (end_of_input after it is no error)
         self._loudest_db = -120.0  # the loudest window of the current utterance (dBFS)
         self._turn: Turn | None = None
         self._turn_task: asyncio.Task[None] | None = None
@@ -276,16 +289,29 @@ class Conversation:
         for show in held:
             show()
 
-    def start(self) -> None:
+    def start(
+        self,
+        *,
+        input_audio: dict[str, Any] | None = None,
+        output_audio: dict[str, Any] | None = None,
+    ) -> None:
+        """Say hello: ``session.started`` with the audio formats the transport uses on the wire.
+
+        Defaults: PCM16 at 16 kHz in, PCM16 at the sink's rate out (none for a text-only call).
+        """
+        if output_audio is None and self.sink is not None:
+            output_audio = {"format": "pcm16", "sample_rate": self.sink.sample_rate}
         self.emit(
             "session.started",
             thread_id=self.thread_id,
             agent=self.engines.agent.name,
+            model=self.config.model,
             stt=self.engines.stt.name,
-            tts=self.engines.tts.name,
+            tts=self.engines.tts.name if self.sink is not None else None,
             voice=self.config.voice,
             language=self.config.language,
-            sample_rate=STT_RATE,
+            input_audio=input_audio or {"format": "pcm16", "sample_rate": STT_RATE},
+            output_audio=output_audio,
         )
         self.emit("state", state=self.state)
         self._prepare_agent()
@@ -423,6 +449,7 @@ class Conversation:
         quick = silence_ms is not None and silence_ms < self.detector.turn_end_silence_ms
         self._resumable = (turn, utterance, time.monotonic()) if quick else None
         turn.mark("turn_end")
+        self._turn_ended_at = time.monotonic()
         self.emit("speech_stopped", turn_id=turn.id)
         self._set_state("thinking")
         turn.committed.set()  # a speculative turn may now play; it shows itself once stored
@@ -510,8 +537,8 @@ class Conversation:
         response = asyncio.create_task(self._respond(turn), name=f"respond-{turn.id}")
         try:
             await turn.committed.wait()
-            await self._persist(user, turn, content_type="voice")
-            shown: dict[str, Any] = {"text": text}
+            message_id = await self._persist(user, turn, content_type="voice")
+            shown: dict[str, Any] = {"text": text, "message_id": message_id}
             if turn.continues is not None:
                 shown["continues"] = turn.continues
             self._reveal(turn, ("final_transcript", shown))
@@ -521,17 +548,26 @@ class Conversation:
                 response.cancel()
                 await asyncio.gather(response, return_exceptions=True)
 
-    async def _text_turn(self, turn: Turn) -> None:
+    async def _text_turn(self, turn: Turn, content_type: str) -> None:
         user: ChatMessage = {"role": "user", "content": turn.user_text}
         self.history.append(user)
         turn.user_message = user
-        await self._persist(user, turn, content_type="text")
+        await self._persist(user, turn, content_type=content_type)
         await self._respond(turn)
 
     async def _respond(self, turn: Turn) -> None:
         """Stream the agent's reply for the turn whose user message ends ``history``."""
         messages = self._request(self.history)
-        context = AgentContext(self.session_id, self.thread_id, self.user_id, self.config.language)
+        config = self.config
+        context = AgentContext(
+            self.session_id,
+            self.thread_id,
+            self.user_id,
+            config.language,
+            model=config.model,
+            temperature=config.temperature,
+            max_tokens=config.max_tokens,
+        )
         self._set_state("thinking", turn)
 
         sentences: asyncio.Queue[str | None] = asyncio.Queue()
@@ -564,6 +600,7 @@ class Conversation:
                 await aclose_stream(stream)
             for piece in chunker.flush():
                 sentences.put_nowait(piece)
+            turn.usage = context.usage.as_dict()
         except EngineError as exc:
             failed = exc
             log.warning("session %s: agent failed: %s", self.session_id, exc)
@@ -588,7 +625,12 @@ class Conversation:
 
     def _request(self, history: list[ChatMessage]) -> list[ChatMessage]:
         """What the agent is sent: the instructions, then the window of history that fits."""
-        system: ChatMessage = {"role": "system", "content": self.config.instructions}
+        instructions = self.config.instructions
+        if self.config.language != "en":
+            # Models default to English when the history is short; the caller may not speak it.
+            name = language_name(self.config.language)
+            instructions += f"\nThe caller speaks {name}: always answer in {name}."
+        system: ChatMessage = {"role": "system", "content": instructions}
         return [system, *context_window(history, self.settings.max_history_messages)]
 
     def _prepare_agent(self) -> None:
@@ -600,7 +642,19 @@ class Conversation:
         self._spawn(agent.prepare(self._request([*self.history, placeholder])[:-1]))
 
     async def _speak(self, turn: Turn, sentences: asyncio.Queue[str | None]) -> None:
-        resampler = StreamResampler(self.sink.sample_rate)
+        if self.sink is None:
+            await self._show_text(turn, sentences)
+            return
+        await self._speak_to(self.sink, turn, sentences)
+
+    async def _show_text(self, turn: Turn, sentences: asyncio.Queue[str | None]) -> None:
+        """A text-only call (the client speaks the reply itself): every piece counts as said."""
+        while (text := await sentences.get()) is not None:
+            turn.mark("tts_start")
+            turn.spoken.append((0, 0, text))
+
+    async def _speak_to(self, sink: AudioSink, turn: Turn, sentences: asyncio.Queue[str | None]) -> None:
+        resampler = StreamResampler(sink.sample_rate)
         tts = self.engines.tts
         piece_start: int | None = None
         last_position: int | None = None
@@ -611,9 +665,9 @@ class Conversation:
             pcm = resampler.pcm(float_to_int16(chunk), tts.sample_rate)
             if pcm.size == 0:
                 return
-            if "tts_first_audio" in turn.marks and self.sink.queued == 0:
+            if "tts_first_audio" in turn.marks and sink.queued == 0:
                 turn.underruns += 1  # the caller heard a gap: audio came slower than real time
-            position = self.sink.write(pcm)
+            position = sink.write(pcm)
             if piece_start is None:
                 piece_start = position - pcm.size
             if "tts_first_audio" not in turn.marks:
@@ -653,13 +707,16 @@ class Conversation:
                 turn.spoken.append((piece_start, last_position, text))
         tail = resampler.flush()
         if tail.size:
-            last_position = self.sink.write(tail)
+            last_position = sink.write(tail)
         if last_position is not None:
-            await self.sink.wait_played(last_position)
+            await sink.wait_played(last_position)
 
     def _watch_first_audio(self, turn: Turn, position: int) -> None:
+        sink = self.sink
+        assert sink is not None, "only a call with audio plays audio"
+
         async def watch() -> None:
-            if await self.sink.wait_played(position):
+            if await sink.wait_played(position):
                 turn.mark("first_audio_played")
                 self._send_metrics(turn)
 
@@ -687,7 +744,13 @@ class Conversation:
             turn.shown = True
         self._send_metrics(turn)
         self.emit(
-            "end_of_response", turn, interrupted=interrupted, text=turn.ai_text, underruns=turn.underruns
+            "end_of_response",
+            turn,
+            interrupted=interrupted,
+            text=turn.ai_text,
+            underruns=turn.underruns,
+            message_id=turn.reply_id,
+            usage=turn.usage,
         )
         self.turns_completed += 1
         self.last_activity = time.monotonic()
@@ -696,10 +759,16 @@ class Conversation:
         self._set_state("listening", turn)
         self._prepare_agent()
 
-    async def _persist(self, message: ChatMessage, turn: Turn, **extra: Any) -> None:
-        """Store a message before the client hears of it: what a client saw is in the thread."""
-        if self._recorder is not None:
-            await self._recorder.record(message, {"turn_id": turn.id, "session_id": self.session_id, **extra})
+    async def _persist(self, message: ChatMessage, turn: Turn, **extra: Any) -> str | None:
+        """Store a message before the client hears of it: what a client saw is in the thread.
+
+        Returns its stored id (None without a recorder, or if the write failed).
+        """
+        if self._recorder is None:
+            return None
+        return await self._recorder.record(
+            message, {"turn_id": turn.id, "session_id": self.session_id, **extra}
+        )
 
     async def _persist_reply(self, turn: Turn, *, interrupted: bool, said: str | None = None) -> None:
         content = turn.ai_text.strip() if said is None else said
@@ -707,7 +776,9 @@ class Conversation:
             return
         reply: ChatMessage = {"role": "assistant", "content": content}
         self.history.append(reply)
-        await self._persist(reply, turn, content_type="voice", interrupted=interrupted)
+        turn.reply_id = await self._persist(
+            reply, turn, content_type=self.content_type, interrupted=interrupted
+        )
 
     async def interrupt(self, *, reason: str = "client") -> bool:
         """Stop the AI now: flush its audio, cancel the turn's work, keep what was heard."""
@@ -717,7 +788,8 @@ class Conversation:
         task, turn = self._turn_task, self._turn
         if task is None or task.done() or turn is None:
             return False
-        heard = self.sink.flush()
+        # Without audio, everything the agent said was shown, so all of it counts as heard.
+        heard = self.sink.flush() if self.sink is not None else 1
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
@@ -752,7 +824,7 @@ class Conversation:
         elif event.type == "text_message":
             await self.respond_to_text(data["content"])
         elif event.type == "session.update":
-            self._update_session(data)
+            self.update_session(data)
         elif event.type == "end_of_input":
             self.end_of_input()
         elif event.type == "set_thread":
@@ -763,6 +835,10 @@ class Conversation:
         if self.detector.in_speech:
             self.detector.reset()
             self._end_user_turn()
+        elif time.monotonic() - self._turn_ended_at < END_OF_INPUT_GRACE_S:
+            # The silence already ended this turn here; the client's own pause detection is
+            # saying the same thing a little later, which is no mistake.
+            log.debug("session %s: end_of_input after the turn had ended", self.session_id)
         else:
             self.emit(
                 "error",
@@ -778,11 +854,17 @@ class Conversation:
         turn.mark("turn_end")
         self._start_turn(turn, self._voice_turn(turn, pcm))
 
-    async def respond_to_text(self, text: str) -> None:
+    async def respond_to_text(self, text: str, *, spoken: bool = False) -> None:
+        """Answer typed text, or (``spoken``) a transcript the client made of the caller's speech."""
         await self.interrupt(reason="text_message")
         turn = Turn(id=uuid.uuid4().hex[:12], source="text", user_text=text.strip())
         turn.mark("speech_end")
-        self._start_turn(turn, self._text_turn(turn))
+        self._start_turn(turn, self._text_turn(turn, "voice" if spoken else "text"))
+
+    def thread_created(self, thread_id: str) -> None:
+        """The call's thread was made with its first message (it had none): the client learns its id."""
+        self.thread_id = thread_id
+        self.emit("thread.updated", thread_id=thread_id, messages=len(self.history))
 
     async def _set_thread(self, thread_id: str) -> None:
         if self._recorder is None:
@@ -801,7 +883,20 @@ class Conversation:
         self.emit("thread.updated", thread_id=thread_id, messages=len(history))
         self._prepare_agent()
 
-    def _update_session(self, data: dict[str, Any]) -> None:
+    def update_session(self, data: dict[str, Any]) -> None:
+        """Apply what a client asked for; each field that cannot be served is an ``error`` event of
+        its own, and the others still apply. Ends with ``session.updated`` (the settings in force)."""
+        config = self.config
+        if "language" in data:
+            try:
+                config.language = check_language(
+                    self.engines, data["language"], speech_out=self.sink is not None
+                )
+            except EngineError as exc:
+                self.emit("error", code=exc.code, message=str(exc))
+            else:
+                if "voice" not in data:
+                    config.voice = self.voice_for(config.language, config.voice)
         if "voice" in data:
             known = {v.id for v in self.engines.tts.voices()}
             if known and data["voice"] not in known:
@@ -810,18 +905,41 @@ class Conversation:
                     code="invalid_voice",
                     message=f"Unknown voice {data['voice'][:64]!r}; see GET /api/v1/voice/voices.",
                 )
-                return
-            self.config.voice = data["voice"]
+            else:
+                config.voice = data["voice"]
+        if "model" in data:
+            try:
+                check_model(self.engines.agent, data["model"])
+            except EngineError as exc:
+                self.emit("error", code=exc.code, message=str(exc))
+            else:
+                config.model = data["model"]
         if "instructions" in data:
-            self.config.instructions = data["instructions"]
+            config.instructions = data["instructions"]
             self._prepare_agent()
-        if "language" in data:
-            self.config.language = data["language"]
         if "speed" in data:
-            self.config.speed = float(data["speed"])
+            config.speed = float(data["speed"])
+        if "temperature" in data:
+            config.temperature = float(data["temperature"])
+        if "max_tokens" in data:
+            config.max_tokens = int(data["max_tokens"])
         self.emit(
-            "session.updated", voice=self.config.voice, language=self.config.language, speed=self.config.speed
+            "session.updated",
+            voice=config.voice,
+            language=config.language,
+            speed=config.speed,
+            model=config.model,
+            temperature=config.temperature,
+            max_tokens=config.max_tokens,
         )
+
+    def voice_for(self, language: str, current: str) -> str:
+        """The current voice if it speaks ``language``, else the first one that does."""
+        voices = self.engines.tts.voices()
+        speaks = [v.id for v in voices if v.language.split("-")[0].lower() == language]
+        if not speaks or current in speaks:
+            return current
+        return speaks[0]
 
     # -- lifecycle --------------------------------------------------------------------------------
     def _spawn(self, coro: Awaitable[Any]) -> None:
@@ -857,7 +975,8 @@ class Conversation:
 
 
 # A transport builds its call's Conversation from its own sink and event sender.
-ConversationFactory = Callable[[AudioSink, Callable[[Event], None]], Conversation]
+# A text-only transport passes None: the client speaks the replies itself.
+ConversationFactory = Callable[[AudioSink | None, Callable[[Event], None]], Conversation]
 
 
 def _is_speech(text: str) -> bool:

@@ -21,7 +21,11 @@ SESSION_UPDATE_FIELDS: dict[str, type | tuple[type, ...]] = {
     "instructions": str,
     "language": str,
     "speed": (int, float),
+    "model": str,
+    "temperature": (int, float),
+    "max_tokens": int,
 }
+MAX_TOKENS_LIMIT = 32_768
 
 
 class EventError(ValueError):
@@ -86,5 +90,11 @@ def parse_client_event(raw: str | bytes) -> ClientEvent:
             raise EventError("message_too_large", f"instructions are limited to {MAX_TEXT_CHARS} characters.")
         if "speed" in clean and not 0.5 <= float(clean["speed"]) <= 2.0:
             raise EventError("invalid_event", "speed must be between 0.5 and 2.0.")
+        if "temperature" in clean and not 0.0 <= float(clean["temperature"]) <= 2.0:
+            raise EventError("invalid_event", "temperature must be between 0 and 2.")
+        if "max_tokens" in clean and not 1 <= clean["max_tokens"] <= MAX_TOKENS_LIMIT:
+            raise EventError("invalid_event", f"max_tokens must be between 1 and {MAX_TOKENS_LIMIT}.")
+        if "model" in clean and not 0 < len(clean["model"]) <= 200:
+            raise EventError("invalid_event", "model must be a name of 1 to 200 characters.")
         data = {"type": kind, **clean}
     return ClientEvent(kind, data)

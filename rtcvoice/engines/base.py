@@ -28,14 +28,46 @@ class ChatMessage(TypedDict):
     content: str
 
 
+@dataclass
+class Usage:
+    """Tokens one reply cost, filled in by agents that know (``reported`` says whether one did)."""
+
+    input_tokens: int = 0
+    output_tokens: int = 0
+    reported: bool = False
+
+    def add(self, input_tokens: int, output_tokens: int) -> None:
+        self.input_tokens += input_tokens
+        self.output_tokens += output_tokens
+        self.reported = True
+
+    def as_dict(self) -> dict[str, int] | None:
+        if not self.reported:
+            return None
+        return {
+            "input_tokens": self.input_tokens,
+            "output_tokens": self.output_tokens,
+            "total_tokens": self.input_tokens + self.output_tokens,
+        }
+
+
 @dataclass(frozen=True)
 class AgentContext:
-    """Who is asking: passed to agents that forward turns to the user's own backend."""
+    """Who is asking, and this session's choices: agents use what applies to them.
+
+    ``model``, ``temperature`` and ``max_tokens`` are None where the session did not choose, and
+    the agent's configured defaults apply. An agent that learns what the reply cost adds it to
+    ``usage``.
+    """
 
     session_id: str
     thread_id: str | None = None
     user_id: str | None = None
     language: str = "en"
+    model: str | None = None
+    temperature: float | None = None
+    max_tokens: int | None = None
+    usage: Usage = field(default_factory=Usage)
 
 
 @dataclass(frozen=True)

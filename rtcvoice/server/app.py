@@ -17,15 +17,20 @@ from ..engines import Engines, load_engines
 from ..settings import Settings
 from ..store import create_store
 from ..transports.webrtc import OfferError, RelayUnavailableError, WebRtcPeer
-from . import chat, fallback
+from . import ai_service, ai_voice, audio_chat, chat, fallback
 from .auth import Authenticator, auth_middleware, request_user
 from .bodies import json_body, optional_str
+from .callers import body_user, check_capacity
 from .calls import call_limits, prepare_call
+from .cors import cors_middleware, parse_origins
 from .errors import ApiError, json_errors
 from .keys import AUTH, ENGINES, ICE, REALTIME, SESSIONS, SETTINGS, STORE
+from .options import call_options
 from .sessions import SessionRegistry, VoiceSession, session_for
+from .socket_io import attach_socketio, socketio_ctx
 from .threads import owned_thread
 from .turn import IceServers
+from .urls import check_public_url, websocket_url
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +47,19 @@ def create_app(settings: Settings, *, engines: Engines | None = None) -> web.App
     Raises ValueError, with the fix, for settings that cannot work (ICE servers, auth keys).
     """
     auth = Authenticator.from_settings(settings)
-    app = web.Application(middlewares=[json_errors, auth_middleware(auth)], client_max_size=MAX_BODY_BYTES)
+    check_public_url(settings.public_url)
+    origins = parse_origins(settings.cors_origins)
+    middlewares = [
+        json_errors,
+        auth_middleware(
+            auth,
+            internal_token=settings.internal_token,
+            open_realtime_user_route=settings.realtime_open_user_route,
+        ),
+    ]
+    if origins:
+        middlewares.insert(0, cors_middleware(origins))  # outermost: errors get the headers too
+    app = web.Application(middlewares=middlewares, client_max_size=MAX_BODY_BYTES)
     app[SETTINGS] = settings
     app[AUTH] = auth
     app[ICE] = IceServers(settings)  # a bad STUN/TURN setting stops the server here, not mid-call
@@ -50,6 +67,7 @@ def create_app(settings: Settings, *, engines: Engines | None = None) -> web.App
     app.cleanup_ctx.append(_engines_ctx(engines))
     app.cleanup_ctx.append(_store_ctx)
     app.cleanup_ctx.append(_sessions_ctx)
+    app.cleanup_ctx.append(socketio_ctx)  # unwinds first: sockets close, then their sessions end
     app.add_routes(
         [
             web.get(f"{API}/status", status),
@@ -60,8 +78,13 @@ def create_app(settings: Settings, *, engines: Engines | None = None) -> web.App
             web.post(f"{API}/session/end", session_end),
             *fallback.routes(),
             *chat.routes(),
+            # Other systems' contracts, served as written (README "If you run the system of ...").
+            *ai_voice.routes(),
+            *ai_service.routes(),
+            *audio_chat.routes(),
         ]
     )
+    attach_socketio(app, origins)
     if auth is None:
         log.warning(
             "AUTH IS OFF: anyone who can reach this server can start calls and read threads. "
@@ -163,42 +186,21 @@ async def voices(request: web.Request) -> web.Response:
 
 
 async def session_start(request: web.Request) -> web.Response:
+    """POST /voice/session/start: a session for a WebRTC offer or the session WebSocket."""
     body = await json_body(request, required=False)
-    registry = request.app[SESSIONS]
-    if len(registry) >= registry.max_sessions:
-        raise ApiError(
-            503,
-            "too_many_sessions",
-            "The server is at its call limit; try again shortly.",
-            {"Retry-After": "5"},
-        )
-    voice = optional_str(body, "voice", 200)
-    if voice is not None and voice not in {v.id for v in request.app[ENGINES].tts.voices()}:
-        raise ApiError(400, "invalid_voice", f"Unknown voice {voice[:64]!r}; see GET {API}/voices.")
-    user = request_user(request)
-    if user is None:
-        user = optional_str(body, "user_id", 200)  # unauthenticated mode: the app may name its user
-    limit = request.app[SETTINGS].max_sessions_per_user
-    if user is not None and registry.count_for(user) >= limit:
-        raise ApiError(
-            429,
-            "too_many_sessions_for_user",
-            f"This user already has {limit} calls open; end one first.",
-            {"Retry-After": "5"},
-        )
-    thread_id = optional_str(body, "thread_id", 200)
-    store = request.app[STORE]
+    app = request.app
+    registry, settings = app[SESSIONS], app[SETTINGS]
+    user = body_user(request, body)
+    check_capacity(registry, settings, user)
+    options = call_options(app[ENGINES], body)
+    thread_id = optional_str(body, "thread_id", 200) or optional_str(body, "threadId", 200)
+    store = app[STORE]
     thread = (
-        await owned_thread(store, thread_id, user)
+        await owned_thread(store, thread_id, user, create=settings.create_unknown_threads)
         if thread_id
         else await store.create_thread(user, "Voice call")
     )
-    session = registry.create(
-        user_id=user,
-        thread_id=thread.id,
-        voice=voice,
-        instructions=optional_str(body, "instructions"),
-    )
+    session = registry.create(user_id=user, thread_id=thread.id, options=options)
     return web.json_response(
         {
             "session_id": session.id,
@@ -206,8 +208,10 @@ async def session_start(request: web.Request) -> web.Response:
             "ice_servers": _ice_servers_for_client(request, session),
             "offer_url": f"{API}/session/{session.id}/offer",
             "end_url": f"{API}/session/end",
-            "ws_url": f"{API}/session/{session.id}/ws",
-            "expires_in": request.app[SETTINGS].session_start_timeout_s,
+            "ws_url": websocket_url(request, f"{API}/session/{session.id}/ws"),
+            "expires_in": settings.session_start_timeout_s,
+            "language": options.language or settings.language,
+            "session_type": options.session_type,
         }
     )
 
@@ -226,14 +230,19 @@ async def session_offer(request: web.Request) -> web.Response:
         raise ApiError(
             409, "already_offered", "This session already has a peer connection; start a new session."
         )
+    if not session.options.speaks:
+        raise ApiError(
+            400,
+            "invalid_session_type",
+            "A session_type 'text' session has no audio: use its WebSocket (ws_url), not WebRTC.",
+        )
     app = request.app
     make_conversation, recorder = await prepare_call(
         app,
         session_id=session.id,
         user_id=session.user_id,
         thread_id=session.thread_id,
-        voice=session.voice,
-        instructions=session.instructions,
+        options=session.options,
     )
     peer = WebRtcPeer(
         session_id=session.id,
@@ -263,6 +272,12 @@ async def session_end(request: web.Request) -> web.Response:
     session_id = body.get("session_id")
     if not isinstance(session_id, str):
         raise ApiError(400, "invalid_field", "Send {'session_id': <id>}.")
-    session_for(request.app[SESSIONS], session_id, request_user(request))
-    await request.app[SESSIONS].end(session_id, "client_hangup")
-    return web.json_response({"session_id": session_id, "ended": True})
+    registry, user = request.app[SESSIONS], request_user(request)
+    answer: dict[str, Any] = {"session_id": session_id, "ended": True, "message": "Session ended successfully"}
+    # Ending a call that already ended (its socket closed first) is done, not an error.
+    already = registry.ended_reason(session_id, user)
+    if already is not None:
+        return web.json_response({**answer, "reason": already})
+    session_for(registry, session_id, user)
+    await registry.end(session_id, "client_hangup")
+    return web.json_response({**answer, "reason": "client_hangup"})

@@ -7,6 +7,7 @@ on a WebSocket). A request without a valid token gets 401 JSON and creates nothi
 
 from __future__ import annotations
 
+import hmac
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -24,6 +25,9 @@ log = logging.getLogger(__name__)
 USER_ID = web.RequestKey("user_id", str)
 # Probes and the static page need no token: they reveal nothing about anyone's calls.
 PUBLIC_PATHS = frozenset({"/api/v1/voice/health", "/api/v1/streaming/realtime/health"})
+REALTIME_PREFIX = "/api/v1/streaming/realtime/"
+# The AI-service routes a backend calls (README "If you run the system of seed 001").
+INTERNAL_PREFIXES = ("/internal/", "/session/")
 ASYMMETRIC = ["RS256", "RS384", "RS512", "ES256", "ES384", "ES512", "EdDSA", "PS256"]
 
 
@@ -34,6 +38,7 @@ class Authenticator:
     audience: str | None
     issuer: str | None
     user_claim: str
+    require_exp: bool = True
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Authenticator | None:
@@ -52,6 +57,7 @@ class Authenticator:
             audience=settings.auth_jwt_audience or None,
             issuer=settings.auth_jwt_issuer or None,
             user_claim=settings.auth_user_claim,
+            require_exp=settings.auth_require_exp,
         )
 
     def user_id(self, token: str) -> str:
@@ -62,7 +68,10 @@ class Authenticator:
                 algorithms=self.algorithms,
                 audience=self.audience,
                 issuer=self.issuer,
-                options={"require": ["exp"], "verify_aud": self.audience is not None},
+                options={
+                    "require": ["exp"] if self.require_exp else [],
+                    "verify_aud": self.audience is not None,
+                },
             )
         except jwt.ExpiredSignatureError:
             raise _unauthorized(
@@ -94,10 +103,26 @@ def token_from(request: web.Request) -> str | None:
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def auth_middleware(auth: Authenticator | None) -> Middleware:
+def auth_middleware(
+    auth: Authenticator | None, *, internal_token: str = "", open_realtime_user_route: bool = False
+) -> Middleware:
+    """Checks the bearer JWT on every API route (401 without a valid one) and notes its user.
+
+    ``internal_token``: the AI-service routes take this shared secret instead of a user's JWT.
+    ``open_realtime_user_route``: ``/streaming/realtime/{user_id}`` takes no token (its user is
+    the one in the path), as the realtime API's original design had it.
+    """
+
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if auth is None or not request.path.startswith("/api/") or request.path in PUBLIC_PATHS:
+        path = request.path
+        if path.startswith(INTERNAL_PREFIXES):
+            if internal_token:
+                _check_shared_secret(request, internal_token)
+                return await handler(request)
+        elif not path.startswith("/api/") or path in PUBLIC_PATHS:
+            return await handler(request)
+        if auth is None or (open_realtime_user_route and _is_realtime_user_route(path)):
             return await handler(request)
         token = token_from(request)
         if token is None:
@@ -113,3 +138,18 @@ def auth_middleware(auth: Authenticator | None) -> Middleware:
 def request_user(request: web.Request) -> str | None:
     """The authenticated user, or None in unauthenticated mode."""
     return request.get(USER_ID)
+
+
+def _is_realtime_user_route(path: str) -> bool:
+    rest = path[len(REALTIME_PREFIX) :] if path.startswith(REALTIME_PREFIX) else ""
+    return bool(rest) and "/" not in rest and rest not in ("status", "health")
+
+
+def _check_shared_secret(request: web.Request, secret: str) -> None:
+    token = token_from(request)
+    if token is None or not hmac.compare_digest(token.encode(), secret.encode()):
+        raise _unauthorized(
+            "unauthorized",
+            "This route is for your backend: send 'Authorization: Bearer <internal_token>' "
+            "(or ?token= on WebSockets).",
+        )

@@ -11,6 +11,7 @@ from ..conversation import AudioSink, Conversation, ConversationFactory
 from ..settings import Settings
 from ..transports.limits import CallLimits
 from .keys import ENGINES, SETTINGS, STORE
+from .options import CallOptions
 from .threads import ThreadRecorder, load_history
 
 
@@ -29,19 +30,26 @@ async def prepare_call(
     *,
     session_id: str,
     user_id: str | None,
-    thread_id: str,
-    voice: str | None = None,
-    instructions: str | None = None,
+    thread_id: str | None,
+    options: CallOptions | None = None,
 ) -> tuple[ConversationFactory, ThreadRecorder]:
     """A factory for the call's Conversation (the transport supplies sink and send), and its recorder.
 
-    The thread's earlier messages, typed or spoken, become the agent's context.
+    The thread's earlier messages, typed or spoken, become the agent's context. ``thread_id``
+    None: the thread is made when the call first has something to store.
     """
     store = app[STORE]
-    history = await load_history(store, thread_id)
-    recorder = ThreadRecorder(store, user_id=user_id, thread_id=thread_id, session_id=session_id)
+    history = await load_history(store, thread_id) if thread_id is not None else []
+    recorder = ThreadRecorder(
+        store,
+        user_id=user_id,
+        thread_id=thread_id,
+        session_id=session_id,
+        create_unknown=app[SETTINGS].create_unknown_threads,
+    )
+    chosen = options or CallOptions()
 
-    def make(sink: AudioSink, send: Callable[[dict[str, Any]], None]) -> Conversation:
+    def make(sink: AudioSink | None, send: Callable[[dict[str, Any]], None]) -> Conversation:
         settings, engines = app[SETTINGS], app[ENGINES]
         conversation = Conversation(
             session_id=session_id,
@@ -56,10 +64,8 @@ async def prepare_call(
             history=history,
             recorder=recorder,
         )
-        if voice:
-            conversation.config.voice = voice
-        if instructions:
-            conversation.config.instructions = instructions
+        chosen.apply(conversation)
+        recorder.on_thread = conversation.thread_created
         return conversation
 
     return make, recorder

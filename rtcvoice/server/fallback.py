@@ -7,6 +7,8 @@ import base64
 import io
 import logging
 import uuid
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from aiohttp import web
@@ -15,11 +17,13 @@ from ..audio import float_to_int16, write_wav
 from ..conversation.conversation import aclose_stream
 from ..conversation.events import MAX_TEXT_CHARS
 from ..conversation.history import context_window
+from ..engines.agents import check_model
 from ..engines.base import AgentContext, ChatMessage, EngineError
-from ..transports.realtime import MAX_MESSAGE_BYTES, RealtimePeer
-from ..transports.websocket import WebSocketPeer
+from ..transports.realtime import DIALECTS, MAX_MESSAGE_BYTES, RealtimePeer
+from ..transports.websocket import AudioOut, WebSocketPeer
 from .auth import request_user
 from .bodies import json_body, optional_str
+from .callers import body_user
 from .calls import call_limits, prepare_call
 from .errors import ApiError
 from .keys import ENGINES, REALTIME, SESSIONS, SETTINGS, STORE
@@ -49,16 +53,20 @@ async def session_ws(request: web.Request) -> web.StreamResponse:
         session_id=session.id,
         user_id=session.user_id,
         thread_id=session.thread_id,
-        voice=session.voice,
-        instructions=session.instructions,
+        options=session.options,
     )
     await ws.prepare(request)
+    settings = request.app[SETTINGS]
+    options = session.options
     peer = WebSocketPeer(
         session_id=session.id,
         ws=ws,
         make_conversation=make,
         executor=request.app[ENGINES].audio_executor,
-        limits=call_limits(request.app[SETTINGS]),
+        limits=call_limits(settings),
+        output=AudioOut(sample_rate=options.output_sample_rate or settings.ws_output_sample_rate)
+        if options.speaks
+        else None,
     )
     registry.attach(session, peer, recorder)
     try:
@@ -75,10 +83,13 @@ async def realtime_ws(request: web.Request) -> web.StreamResponse:
     if user is not None and path_user is not None and path_user != user:
         raise ApiError(403, "forbidden", "The user in the path is not the user of the token.")
     user = user if user is not None else path_user
+    dialect = request.query.get("dialect")
+    if dialect is not None and dialect not in DIALECTS:
+        raise ApiError(400, "invalid_field", f"'dialect' must be one of {', '.join(DIALECTS)}.")
     store = request.app[STORE]
     thread_id = request.query.get("thread_id")
     thread = (
-        await owned_thread(store, thread_id, user)
+        await owned_thread(store, thread_id, user, create=request.app[SETTINGS].create_unknown_threads)
         if thread_id
         else await store.create_thread(user, "Voice call")
     )
@@ -90,7 +101,12 @@ async def realtime_ws(request: web.Request) -> web.StreamResponse:
         request.app, session_id=connection_id, user_id=user, thread_id=thread.id
     )
     await ws.prepare(request)
-    peer = RealtimePeer(connection_id=connection_id, ws=ws, make_conversation=make)
+    peer = RealtimePeer(
+        connection_id=connection_id,
+        ws=ws,
+        make_conversation=make,
+        dialect=dialect,
+    )
     connections = request.app[REALTIME]
     connections.add(peer)
     try:
@@ -116,24 +132,38 @@ async def realtime_health(request: web.Request) -> web.Response:
     return web.json_response({"status": "healthy", "connections": len(request.app[REALTIME])})
 
 
-async def process_transcript(request: web.Request) -> web.Response:
-    """POST /voice/process-transcript: text in, the AI's reply out, both stored in the thread."""
-    body = await json_body(request)
+@dataclass(frozen=True)
+class TranscriptAnswer:
+    thread_id: str
+    user_message_id: str
+    message_id: str
+    text: str
+    model: str
+
+
+async def answer_transcript(request: web.Request, body: dict[str, Any]) -> TranscriptAnswer:
+    """Store the caller's transcript in its thread, ask the agent, store and return the reply.
+
+    Fields in snake_case or camelCase (``chat_id``/``chatId``, ``user_id``/``userId``,
+    ``model_name``/``modelName``). A chat id the store does not know is the app's own: its thread
+    is made on first use (``create_unknown_threads``).
+    """
     transcript = optional_str(body, "transcript", MAX_TEXT_CHARS)
     if not transcript or not transcript.strip():
         raise ApiError(400, "invalid_field", "'transcript' must be a non-empty string.")
-    user = request_user(request)
-    body_user = optional_str(body, "user_id", 200)
-    if user is None:
-        user = body_user
-    elif body_user is not None and body_user != user:
-        raise ApiError(403, "forbidden", "'user_id' is not the user of the token.")
-    chat_id = optional_str(body, "chat_id", 200)
-    model_name = optional_str(body, "model_name", 200)
-    with_audio = body.get("with_audio", False) is True
+    user = body_user(request, body)
+    chat_id = optional_str(body, "chat_id", 200) or optional_str(body, "chatId", 200)
+    model = optional_str(body, "model_name", 200) or optional_str(body, "modelName", 200)
     store, engines, settings = request.app[STORE], request.app[ENGINES], request.app[SETTINGS]
+    if model is not None:
+        try:
+            check_model(engines.agent, model)
+        except EngineError as exc:
+            raise ApiError(400, exc.code, str(exc)) from None
     thread = (
-        await owned_thread(store, chat_id, user)
+        await owned_thread(
+            store, chat_id, user, create=settings.create_unknown_threads, title=transcript[:60]
+        )
         if chat_id
         else await store.create_thread(user, transcript[:60])
     )
@@ -142,7 +172,9 @@ async def process_transcript(request: web.Request) -> web.Response:
     messages += context_window(history, settings.max_history_messages)
     messages.append({"role": "user", "content": transcript.strip()})
     user_message = await store.add_message(thread.id, "user", transcript.strip(), content_type="voice")
-    context = AgentContext(session_id=f"http-{user_message.id}", thread_id=thread.id, user_id=user)
+    context = AgentContext(
+        session_id=f"http-{user_message.id}", thread_id=thread.id, user_id=user, model=model
+    )
     stream = engines.agent.stream(messages, context)
     try:
         async with asyncio.timeout(settings.llm_timeout_s * 2):
@@ -154,16 +186,23 @@ async def process_transcript(request: web.Request) -> web.Response:
     finally:
         await aclose_stream(stream)
     reply = await store.add_message(thread.id, "assistant", text, content_type="text")
-    answer: dict[str, object] = {
-        "message_id": reply.id,
-        "user_message_id": user_message.id,
-        "chat_id": thread.id,
-        "text": text,
-        "model_name": model_name or engines.agent.name,
+    return TranscriptAnswer(thread.id, user_message.id, reply.id, text, model or engines.agent.name)
+
+
+async def process_transcript(request: web.Request) -> web.Response:
+    """POST /voice/process-transcript: text in, the AI's reply out, both stored in the thread."""
+    body = await json_body(request)
+    answer = await answer_transcript(request, body)
+    reply: dict[str, object] = {
+        "message_id": answer.message_id,
+        "user_message_id": answer.user_message_id,
+        "chat_id": answer.thread_id,
+        "text": answer.text,
+        "model_name": answer.model,
     }
-    if with_audio and text:
-        answer["audio_wav_base64"] = await _speak_wav(request, text)
-    return web.json_response(answer)
+    if body.get("with_audio", False) is True and answer.text:
+        reply["audio_wav_base64"] = await _speak_wav(request, answer.text)
+    return web.json_response(reply)
 
 
 async def _speak_wav(request: web.Request, text: str) -> str:

@@ -6,14 +6,18 @@ import asyncio
 import logging
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from .errors import ApiError
+from .options import CallOptions
 from .threads import ThreadRecorder
 
 log = logging.getLogger(__name__)
+
+ENDED_REMEMBERED = 4096
 
 
 class Peer(Protocol):
@@ -31,10 +35,9 @@ class Peer(Protocol):
 @dataclass
 class VoiceSession:
     id: str
-    thread_id: str
+    thread_id: str | None  # None: made when the call first stores a message
     user_id: str | None = None
-    voice: str | None = None
-    instructions: str | None = None
+    options: CallOptions = field(default_factory=CallOptions)
     created_at: float = field(default_factory=time.monotonic)
     peer: Peer | None = None
     recorder: ThreadRecorder | None = None
@@ -47,6 +50,8 @@ class SessionRegistry:
         self.start_timeout_s = start_timeout_s
         self.connect_timeout_s = connect_timeout_s
         self._sessions: dict[str, VoiceSession] = {}
+        # Recently ended sessions (owner, reason): ending one again is not an error.
+        self._ended: OrderedDict[str, tuple[str | None, str]] = OrderedDict()
         self._watchers: dict[str, asyncio.Task[None]] = {}
         self._late_frames_closed = 0
 
@@ -65,16 +70,29 @@ class SessionRegistry:
     def get(self, session_id: str) -> VoiceSession | None:
         return self._sessions.get(session_id)
 
+    def ended_reason(self, session_id: str, user_id: str | None) -> str | None:
+        """Why a recently ended session of this user ended; None if there was no such session."""
+        owner, reason = self._ended.get(session_id, (None, None))
+        if reason is None or (user_id is not None and owner != user_id):
+            return None
+        return reason
+
     def create(
         self,
         *,
-        thread_id: str,
+        thread_id: str | None,
         user_id: str | None = None,
-        voice: str | None = None,
-        instructions: str | None = None,
+        options: CallOptions | None = None,
+        session_id: str | None = None,
     ) -> VoiceSession:
+        """A new session; ``session_id`` lets a backend name it (KeyError if that id is live)."""
+        if session_id is not None and session_id in self._sessions:
+            raise KeyError(session_id)
         session = VoiceSession(
-            id=uuid.uuid4().hex, thread_id=thread_id, user_id=user_id, voice=voice, instructions=instructions
+            id=session_id or uuid.uuid4().hex,
+            thread_id=thread_id,
+            user_id=user_id,
+            options=options or CallOptions(),
         )
         self._sessions[session.id] = session
         self._watch(session.id, self._expire_unoffered(session))
@@ -91,6 +109,9 @@ class SessionRegistry:
         if session is None or session.closed:
             return False
         session.closed = True
+        self._ended[session_id] = (session.user_id, reason)
+        while len(self._ended) > ENDED_REMEMBERED:
+            self._ended.popitem(last=False)
         watcher = self._watchers.pop(session_id, None)
         if watcher is not None and watcher is not asyncio.current_task():
             watcher.cancel()

@@ -8,22 +8,43 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from ..engines.base import ChatMessage
-from ..store import Store, Thread
+from ..store import Store, StoreError, Thread, ThreadExists
 from .errors import ApiError
 
 log = logging.getLogger(__name__)
 
 HISTORY_LIMIT = 200
+NEW_THREAD_TITLE = "Voice call"
 
 
-async def owned_thread(store: Store, thread_id: str, user_id: str | None) -> Thread:
-    """The thread, if this user may use it; 404 otherwise (another user's thread does not exist for them)."""
-    thread = await store.get_thread(thread_id)
+def _not_found(thread_id: str, why: str = "") -> ApiError:
+    return ApiError(404, "thread_not_found", f"No thread {thread_id[:64]!r} for this user.{why}")
+
+
+async def owned_thread(
+    store: Store, thread_id: str, user_id: str | None, *, create: bool = False, title: str = NEW_THREAD_TITLE
+) -> Thread:
+    """The thread, if this user may use it; 404 otherwise (another user's thread does not exist for them).
+
+    ``create``: an id the store does not know is the app's own chat id, so the thread is made
+    for this user under that id (the app's text chat and the call then share it).
+    """
+    try:
+        thread = await store.get_thread(thread_id)
+        if thread is None and create:
+            try:
+                thread = await store.create_thread(user_id, title[:200], thread_id=thread_id)
+            except ThreadExists:  # made by another request since: use it if it is this user's
+                thread = await store.get_thread(thread_id)
+    except StoreError as exc:
+        # e.g. a name that cannot be an id of the app's table (letters for an integer column)
+        raise _not_found(thread_id, f" The thread store refused it: {exc}") from None
     if thread is None or thread.user_id != user_id:
-        raise ApiError(404, "thread_not_found", f"No thread {thread_id[:64]!r} for this user.")
+        raise _not_found(thread_id)
     return thread
 
 
@@ -38,44 +59,75 @@ async def load_history(store: Store, thread_id: str, limit: int = HISTORY_LIMIT)
     return history
 
 
+_Write = tuple[ChatMessage, dict[str, Any], asyncio.Future[str | None]]
+
+
 class ThreadRecorder:
-    def __init__(self, store: Store, *, user_id: str | None, thread_id: str, session_id: str) -> None:
+    """Writes one call's messages, in order, to its thread.
+
+    ``thread_id`` None: the thread is created (titled by the first message) when the first
+    message is written, so a call that says nothing leaves no empty thread in the app's history;
+    ``on_thread`` then learns its id.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        *,
+        user_id: str | None,
+        thread_id: str | None,
+        session_id: str,
+        create_unknown: bool = False,
+    ) -> None:
         self._store = store
         self.user_id = user_id
         self.thread_id = thread_id
         self.session_id = session_id
-        self._queue: asyncio.Queue[tuple[str, ChatMessage, dict[str, Any], asyncio.Future[None]] | None] = (
-            asyncio.Queue()
-        )
+        self.create_unknown = create_unknown
+        self.on_thread: Callable[[str], None] | None = None
+        self._queue: asyncio.Queue[tuple[str | None, _Write] | None] = asyncio.Queue()
         self._writer = asyncio.create_task(self._write_loop(), name=f"recorder-{session_id}")
         self.written = 0
         self.failed = 0
 
-    def record(self, message: ChatMessage, meta: dict[str, Any]) -> asyncio.Future[None]:
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    def record(self, message: ChatMessage, meta: dict[str, Any]) -> asyncio.Future[str | None]:
+        done: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
         if self._writer.done():
             log.error("session %s: message recorded after the call closed: %r", self.session_id, message)
             done.set_result(None)
         else:
-            self._queue.put_nowait((self.thread_id, message, meta, done))
+            self._queue.put_nowait((self.thread_id, (message, meta, done)))
         return done
 
     async def switch_thread(self, thread_id: str) -> list[ChatMessage]:
         try:
-            await owned_thread(self._store, thread_id, self.user_id)
+            await owned_thread(self._store, thread_id, self.user_id, create=self.create_unknown)
         except ApiError:
             raise LookupError(thread_id) from None
         self.thread_id = thread_id
         return await load_history(self._store, thread_id)
+
+    async def _thread_for(self, queued: str | None, first: ChatMessage) -> str:
+        if queued is not None:
+            return queued
+        if self.thread_id is None:
+            thread = await self._store.create_thread(self.user_id, first["content"][:60] or NEW_THREAD_TITLE)
+            self.thread_id = thread.id
+            log.info("session %s: new thread %s", self.session_id, thread.id)
+            if self.on_thread is not None:
+                self.on_thread(thread.id)
+        return self.thread_id
 
     async def _write_loop(self) -> None:
         while True:
             item = await self._queue.get()
             if item is None:
                 return
-            thread_id, message, meta, done = item
+            queued_thread, (message, meta, done) = item
+            stored: str | None = None
             try:
-                await self._store.add_message(
+                thread_id = await self._thread_for(queued_thread, message)
+                saved = await self._store.add_message(
                     thread_id,
                     message["role"],
                     message["content"],
@@ -84,6 +136,7 @@ class ThreadRecorder:
                     session_id=self.session_id,
                     turn_id=meta.get("turn_id"),
                 )
+                stored = saved.id
                 self.written += 1
             except Exception:
                 # Whatever went wrong, the writer must outlive it (the call waits on its futures);
@@ -97,7 +150,7 @@ class ThreadRecorder:
                 )
             finally:
                 if not done.done():
-                    done.set_result(None)
+                    done.set_result(stored)
 
     async def aclose(self) -> None:
         """Finish every queued write, then stop. Idempotent."""

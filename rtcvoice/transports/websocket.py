@@ -2,29 +2,34 @@
 
 In: binary frames of PCM16 16 kHz mono (any length), and the same JSON client events as the data
 channel, plus ``end_of_input`` for push-to-talk. Out: the same JSON server events, and the AI's
-voice as binary frames of PCM16 mono at ``OUTPUT_RATE``, sent in real time with a small lead,
-so that a barge-in stops it as quickly as on WebRTC (audio already sent cannot be recalled).
+voice as binary frames of PCM16 mono at the call's output rate (16 kHz unless the session asked
+for another; ``session.started`` states it), sent in real time with a small lead, so that a
+barge-in stops it as quickly as on WebRTC (audio already sent cannot be recalled). A text-only
+call (no output rate) sends no audio: its client speaks the replies itself.
 """
 
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import numpy as np
 from aiohttp import WSMsgType, web
 
+from ..audio import STT_RATE, Int16Audio, write_wav
 from ..conversation import ConversationFactory
 from .limits import CallLimits, RateLimiter, watchdog
 from .tracks import PlayheadSink
 
 log = logging.getLogger(__name__)
 
-OUTPUT_RATE = 24_000
+DEFAULT_OUTPUT_RATE = 16_000
 CHUNK_S = 0.04  # audio frame size on the wire
 LEAD_S = 0.2  # how far ahead of real time audio is sent: absorbs network jitter
 MAX_AUDIO_FRAME_BYTES = 64 * 1024  # 2 s of 16 kHz PCM16 per frame is plenty
@@ -49,14 +54,54 @@ async def send_queued(ws: web.WebSocketResponse, outbox: asyncio.Queue[str | byt
             return
 
 
+@dataclass(frozen=True)
+class AudioOut:
+    """How the AI's voice goes out on a WebSocket: rate, pacing, and raw PCM16 or a WAV per chunk."""
+
+    sample_rate: int = DEFAULT_OUTPUT_RATE
+    chunk_s: float = CHUNK_S
+    lead_s: float = LEAD_S
+    container: Literal["pcm16", "wav"] = "pcm16"
+
+    def describe(self) -> dict[str, Any]:
+        """For ``session.started``: what each binary frame is."""
+        return {
+            "format": self.container,
+            "encoding": "pcm16",
+            "sample_rate": self.sample_rate,
+            "channels": 1,
+            "frame_ms": round(self.chunk_s * 1000),
+        }
+
+
+def wav_bytes(pcm: Int16Audio, sample_rate: int) -> bytes:
+    """A whole WAV file: players that need a container (decodeAudioData, <audio>) take each frame as is."""
+    buf = io.BytesIO()
+    write_wav(buf, pcm, sample_rate)
+    return buf.getvalue()
+
+
 class PacedPcmSink(PlayheadSink):
-    """An AudioSink that sends PCM16 binary frames no faster than real time (plus ``LEAD_S``)."""
+    """An AudioSink that sends PCM16 binary frames no faster than real time (plus ``lead_s``).
 
-    sample_rate = OUTPUT_RATE
+    ``frame`` wraps each chunk's samples for the wire (raw PCM16 by default).
+    """
 
-    def __init__(self, send: Callable[[bytes], None]) -> None:
+    def __init__(
+        self,
+        send: Callable[[bytes], None],
+        sample_rate: int = DEFAULT_OUTPUT_RATE,
+        *,
+        chunk_s: float = CHUNK_S,
+        lead_s: float = LEAD_S,
+        frame: Callable[[Int16Audio, int], bytes] | None = None,
+    ) -> None:
         super().__init__()
+        self.sample_rate = sample_rate
         self._send = send
+        self._chunk_s = chunk_s
+        self._lead_s = lead_s
+        self._frame = frame or (lambda pcm, _rate: pcm.astype("<i2").tobytes())
         self._clock_start: float | None = None
         self._clock_sent = 0
         self._last_pump = time.monotonic()
@@ -77,13 +122,14 @@ class PacedPcmSink(PlayheadSink):
             self.late_frames += 1  # the loop stalled mid-reply: the client may hear a gap
         if self._clock_start is None:
             self._clock_start, self._clock_sent = now, 0
-        allowed = int((now - self._clock_start + LEAD_S) * OUTPUT_RATE) - self._clock_sent
-        chunk = int(CHUNK_S * OUTPUT_RATE)
+        rate = self.sample_rate
+        allowed = int((now - self._clock_start + self._lead_s) * rate) - self._clock_sent
+        chunk = int(self._chunk_s * rate)
         while allowed >= chunk or (allowed > 0 and self.playhead.queued <= allowed):
             pcm = self.playhead.take(min(chunk, allowed), pad=False)
             if pcm.size == 0:
                 break
-            self._send(pcm.astype("<i2").tobytes())
+            self._send(self._frame(pcm, rate))
             self._clock_sent += pcm.size
             allowed -= pcm.size
 
@@ -99,11 +145,21 @@ class WebSocketPeer:
         make_conversation: ConversationFactory,
         executor: Any = None,
         limits: CallLimits | None = None,
+        output: AudioOut | None = AudioOut(),
     ) -> None:
         self.session_id = session_id
         self.ws = ws
         self._outbox: asyncio.Queue[str | bytes | None] = asyncio.Queue()
-        self.sink = PacedPcmSink(self._outbox.put_nowait)
+        self.output = output
+        self.sink: PacedPcmSink | None = None
+        if output is not None:
+            self.sink = PacedPcmSink(
+                self._outbox.put_nowait,
+                output.sample_rate,
+                chunk_s=output.chunk_s,
+                lead_s=output.lead_s,
+                frame=wav_bytes if output.container == "wav" else None,
+            )
         self.conversation = make_conversation(self.sink, self._send_event)
         self._executor = executor
         self.connected = asyncio.Event()
@@ -116,7 +172,7 @@ class WebSocketPeer:
 
     @property
     def late_frames(self) -> int:
-        return self.sink.late_frames
+        return self.sink.late_frames if self.sink is not None else 0
 
     def _send_event(self, event: dict[str, Any]) -> None:
         self._outbox.put_nowait(json.dumps(event, separators=(",", ":")))
@@ -139,14 +195,17 @@ class WebSocketPeer:
                 name=f"ws-watchdog-{self.session_id}",
             ),
         ]
-        self.conversation.start()
+        self.conversation.start(
+            input_audio={"format": "pcm16", "sample_rate": STT_RATE},
+            output_audio=self.output.describe() if self.output is not None else None,
+        )
         try:
             async for msg in self.ws:
                 if msg.type == WSMsgType.BINARY:
                     await self._on_audio(msg.data)
                 elif msg.type == WSMsgType.TEXT:
                     if self._rate.allow():
-                        await self.conversation.handle_client_message(msg.data)
+                        await self.on_text(msg.data)
                     else:
                         self._send_event(
                             {
@@ -161,6 +220,10 @@ class WebSocketPeer:
                     break
         finally:
             await self.close()
+
+    async def on_text(self, raw: str) -> None:
+        """A client event (a dialect of this socket translates its own messages here)."""
+        await self.conversation.handle_client_message(raw)
 
     async def _on_audio(self, data: bytes) -> None:
         if len(data) % 2 or len(data) > MAX_AUDIO_FRAME_BYTES:
@@ -179,6 +242,8 @@ class WebSocketPeer:
         await send_queued(self.ws, self._outbox)
 
     async def _pace_loop(self) -> None:
+        if self.sink is None:
+            return
         while True:
             self.sink.pump()
             await asyncio.sleep(CHUNK_S / 2)

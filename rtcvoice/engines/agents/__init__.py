@@ -15,7 +15,7 @@ log = logging.getLogger(__name__)
 
 AGENT_KINDS = ("openai", "local", "webhook", "echo")
 
-__all__ = ["AGENT_KINDS", "create_agent", "describe_agent", "resolve_agent_kind"]
+__all__ = ["AGENT_KINDS", "check_model", "create_agent", "describe_agent", "resolve_agent_kind"]
 
 
 def resolve_agent_kind(settings: Settings) -> str:
@@ -69,3 +69,18 @@ def describe_agent(agent: Agent) -> str:
     """One line for logs and status pages: which agent, and its model or URL."""
     description = getattr(agent, "description", None)
     return description if isinstance(description, str) else agent.name
+
+
+def check_model(agent: Agent, model: str) -> None:
+    """Whether a session may ask ``agent`` for ``model``; AgentError (``model_unavailable``) if not.
+
+    Agents that pass the name on (an OpenAI-compatible endpoint, the webhook) take any name: the
+    endpoint says if it has no such model. An agent with one model of its own takes only its name.
+    """
+    if getattr(agent, "chooses_model", False) or model == getattr(agent, "model_name", agent.name):
+        return
+    raise AgentError(
+        f"This server answers with {describe_agent(agent)}, which cannot switch to model {model[:64]!r}. "
+        "Leave the model out, or run rtcvoice with --agent openai and an OPENAI_BASE_URL that serves it.",
+        code="model_unavailable",
+    )

@@ -18,6 +18,7 @@ def last_user_message(messages: list[ChatMessage]) -> str:
 
 class EchoAgent:
     name = "echo"
+    languages = None  # it repeats whatever it is told
 
     def __init__(self) -> None:
         self.description = "echo (repeats the user's words)"

@@ -97,6 +97,8 @@ _Item = str | _Failure | _Done
 
 class LocalLlamaAgent:
     name = "local"
+    # SmolLM2 was trained on English; asked in another language it answers in broken English.
+    languages = frozenset({"en"})
 
     def __init__(self, settings: Settings, *, model_path: str | Path | None = None) -> None:
         self.model_path = Path(model_path) if model_path is not None else resolve_model_path(settings)
@@ -105,6 +107,7 @@ class LocalLlamaAgent:
         self.temperature = settings.llm_temperature
         self.timeout_s = settings.llm_timeout_s
         self.description = f"local (llama.cpp, {self.model_path.name}, {self.n_threads} threads)"
+        self.model_name = self.model_path.stem
         self._llm: Llama | None = None
         # llama.cpp contexts are not thread-safe: one thread owns the model, and the lock keeps
         # whole generations (not just their tokens) from interleaving.
@@ -144,25 +147,36 @@ class LocalLlamaAgent:
         )
 
     def _generate(
-        self, messages: list[ChatMessage], stop: threading.Event, put: Callable[[_Item], None]
+        self,
+        messages: list[ChatMessage],
+        context: AgentContext,
+        stop: threading.Event,
+        put: Callable[[_Item], None],
     ) -> None:
+        generated = 0
         try:
             llm = self._load()
             chunks: Iterator[Any] = iter(
                 llm.create_chat_completion(
                     messages=[_to_llama(m) for m in messages],
                     stream=True,
-                    max_tokens=self.max_tokens,
-                    temperature=self.temperature,
+                    max_tokens=context.max_tokens or self.max_tokens,
+                    temperature=self.temperature if context.temperature is None else context.temperature,
                 )
             )
             try:
                 for chunk in chunks:
                     if stop.is_set() or self._closing.is_set():
                         break
-                    text = chunk["choices"][0]["delta"].get("content")
+                    delta = chunk["choices"][0]["delta"]
+                    # One chunk with "content" per sampled token (the role and finish chunks have none).
+                    generated += "content" in delta
+                    text = delta.get("content")
                     if text:
                         put(text)
+                else:
+                    # The context now holds the prompt and every token but the last one sampled.
+                    context.usage.add(max(0, llm.n_tokens - generated + 1), generated)
             finally:
                 close = getattr(chunks, "close", None)
                 if close is not None:
@@ -195,7 +209,7 @@ class LocalLlamaAgent:
                 stop.set()
 
         async with self._lock:
-            future = loop.run_in_executor(self._executor, self._generate, messages, stop, put)
+            future = loop.run_in_executor(self._executor, self._generate, messages, context, stop, put)
             first = True
             try:
                 while True:

@@ -7,6 +7,7 @@ import logging
 from collections.abc import AsyncIterator
 
 import openai
+from openai.types import CompletionUsage
 from openai.types.chat import ChatCompletionMessageParam
 
 from rtcvoice.engines.base import AgentContext, AgentError, ChatMessage
@@ -30,6 +31,7 @@ def _to_openai(message: ChatMessage) -> ChatCompletionMessageParam:
 
 class OpenAIChatAgent:
     name = "openai"
+    languages = None  # the model's to know; chat models answer in the language they are spoken to
 
     def __init__(self, settings: Settings) -> None:
         if not settings.openai_base_url and not settings.openai_api_key:
@@ -41,6 +43,7 @@ class OpenAIChatAgent:
         self.base_url = (settings.openai_base_url or OPENAI_API_URL).rstrip("/")
         self.max_tokens = settings.llm_max_tokens
         self.temperature = settings.llm_temperature
+        self.stream_usage = settings.llm_stream_usage
         self.timeout_s = settings.llm_timeout_s
         self.description = f"openai (model {self.model} at {self.base_url})"
         self._client = openai.AsyncOpenAI(
@@ -55,25 +58,35 @@ class OpenAIChatAgent:
             max_retries=0,
         )
 
+    # Any model the endpoint serves may be asked for per session.
+    chooses_model = True
+
     async def stream(self, messages: list[ChatMessage], context: AgentContext) -> AsyncIterator[str]:
         url = f"{self.base_url}/chat/completions"
+        model = context.model or self.model
+        usage: CompletionUsage | None = None
         try:
             stream = await self._client.chat.completions.create(
-                model=self.model,
+                model=model,
                 messages=[_to_openai(m) for m in messages],
                 stream=True,
-                max_tokens=self.max_tokens,
-                temperature=self.temperature,
+                max_tokens=context.max_tokens or self.max_tokens,
+                temperature=self.temperature if context.temperature is None else context.temperature,
+                stream_options={"include_usage": True} if self.stream_usage else openai.omit,
             )
             # `async with` closes the HTTP response however we leave: done, error, or the consumer
             # cancelled (barge-in), so the server stops generating for nobody.
             async with stream:
                 async for chunk in stream:
-                    if not chunk.choices:  # e.g. the final usage chunk
+                    # The last chunk carries the usage (some servers send a running total in each).
+                    usage = chunk.usage or usage
+                    if not chunk.choices:
                         continue
                     delta = chunk.choices[0].delta.content
                     if delta:
                         yield delta
+            if usage is not None:
+                context.usage.add(usage.prompt_tokens, usage.completion_tokens)
         except openai.APIStatusError as exc:
             hint = ""
             if exc.status_code == 404:
@@ -81,7 +94,7 @@ class OpenAIChatAgent:
             elif exc.status_code in (401, 403):
                 hint = " (check OPENAI_API_KEY)"
             raise AgentError(
-                f"chat endpoint {url} returned HTTP {exc.status_code} for model {self.model!r}: "
+                f"chat endpoint {url} returned HTTP {exc.status_code} for model {model!r}: "
                 f"{_snippet(exc.message)}{hint}"
             ) from exc
         except openai.APITimeoutError as exc:

@@ -2,7 +2,8 @@
 (tools, memory, auth) as their text chat.
 
 Request: ``POST webhook_url`` with JSON ``{"session_id", "thread_id", "user_id", "language",
-"transcript", "messages"}``. The reply may be streamed or whole, chosen by its Content-Type:
+"model", "temperature", "max_tokens", "transcript", "messages"}`` (the three session choices are
+null where the session made none). The reply may be streamed or whole, chosen by its Content-Type:
 
 - ``text/event-stream``: SSE ``data:`` payloads, each JSON with ``delta``, ``text`` or ``content``, an
   OpenAI ``chat.completion.chunk``, or plain text; ``data: [DONE]`` ends the reply.
@@ -35,6 +36,8 @@ NDJSON_TYPES = ("application/x-ndjson", "application/ndjson", "application/jsonl
 
 class WebhookAgent:
     name = "webhook"
+    languages = None  # the backend's to decide
+    chooses_model = True  # a session's model is forwarded for the backend to honour
 
     def __init__(self, settings: Settings) -> None:
         if not settings.webhook_url:
@@ -69,6 +72,9 @@ class WebhookAgent:
             "thread_id": context.thread_id,
             "user_id": context.user_id,
             "language": context.language,
+            "model": context.model,
+            "temperature": context.temperature,
+            "max_tokens": context.max_tokens,
             "transcript": last_user_message(messages),
             "messages": [{"role": m["role"], "content": m["content"]} for m in messages],
         }

@@ -34,6 +34,7 @@ def wav_bytes(audio: FloatAudio, sample_rate: int = SAMPLE_RATE) -> bytes:
 
 class OpenAITranscribeStt:
     name = "openai"
+    languages = None  # whisper-1 and its kin are multilingual
 
     def __init__(self, settings: Settings, *, timeout_s: float = 30.0) -> None:
         base_url = settings.tts_base_url or settings.openai_base_url

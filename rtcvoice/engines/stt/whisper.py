@@ -39,6 +39,7 @@ WINDOW_MARGIN_S = 1.5
 COMPRESSION_RATIO_LIMIT = 2.4
 NO_SPEECH_PROB = 0.6
 LOW_LOGPROB = -1.0
+ENGLISH_ONLY = frozenset({"en"})
 
 
 def embedded_model_path() -> str | None:
@@ -185,6 +186,14 @@ class WhisperStt:
             raise SttError(f"Transcription failed: {exc}") from exc
         finally:
             self.pending -= 1
+
+    @property
+    def languages(self) -> frozenset[str] | None:
+        """English only for an English-only model (the embedded tiny.en); None (all) for a multilingual one."""
+        if self._model is not None:
+            return None if self._model.model.is_multilingual else ENGLISH_ONLY
+        name = Path(self.model_ref).name.lower()
+        return ENGLISH_ONLY if name.endswith(".en") or self.model_ref == embedded_model_path() else None
 
     async def warm_up(self) -> None:
         await self.transcribe(np.zeros(16_000, dtype=np.float32))

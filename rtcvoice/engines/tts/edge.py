@@ -47,6 +47,11 @@ _VOICES: tuple[tuple[str, str, str], ...] = (
     ("en-AU-NatashaNeural", "Natasha", "female"),
     ("en-AU-WilliamNeural", "William", "male"),
     ("en-IN-NeerjaNeural", "Neerja", "female"),
+    ("hi-IN-SwaraNeural", "Swara", "female"),
+    ("hi-IN-MadhurNeural", "Madhur", "male"),
+    ("es-ES-ElviraNeural", "Elvira", "female"),
+    ("fr-FR-DeniseNeural", "Denise", "female"),
+    ("de-DE-KatjaNeural", "Katja", "female"),
 )
 
 _original_wss_url: str | None = None

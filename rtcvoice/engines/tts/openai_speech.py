@@ -41,6 +41,7 @@ def pcm16_to_float(data: bytes) -> FloatAudio:
 
 class OpenAISpeechTts:
     name = "openai"
+    languages = None  # OpenAI's voices speak the language of the text they are given
     sample_rate = SAMPLE_RATE
 
     def __init__(

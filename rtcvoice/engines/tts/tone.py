@@ -17,6 +17,7 @@ RATE = 24_000
 
 class ToneTts:
     name = "tone"
+    languages = None  # a beep has no language
     sample_rate = RATE
     default_voice = "tone"
 
