@@ -194,9 +194,7 @@ class Settings:
         "share threads. An existing table is used as it is; its columns are found by name (snake_case "
         "or camelCase) or set with db_columns.",
     )
-    db_messages_table: str = _opt(
-        "messages", "Table of messages (e.g. chat_messages); see db_threads_table."
-    )
+    db_messages_table: str = _opt("messages", "Table of messages (e.g. chat_messages); see db_threads_table.")
     db_columns: str = _opt(
         "",
         "Column names where your tables differ from what is found by name: comma-separated "
@@ -261,7 +259,7 @@ class Settings:
             elif f.type in ("float", float):
                 kwargs["type"] = float
             elif f.type in ("bool", bool):
-                kwargs["type"] = _parse_bool
+                kwargs["type"] = boolean
                 kwargs["metavar"] = "{true,false}"
             if "choices" in f.metadata:
                 kwargs["choices"] = f.metadata["choices"]
@@ -281,7 +279,8 @@ def _env_names(f: dataclasses.Field[Any]) -> list[str]:
     return names
 
 
-def _parse_bool(raw: str) -> bool:
+def boolean(raw: str) -> bool:
+    """A setting's true or false, as flags and environment variables write it (argparse names it)."""
     value = raw.strip().lower()
     if value in ("1", "true", "yes", "on"):
         return True
@@ -297,5 +296,5 @@ def _coerce(f: dataclasses.Field[Any], raw: str) -> Any:
     if kind in ("float", float):
         return float(raw)
     if kind in ("bool", bool):
-        return _parse_bool(raw)
+        return boolean(raw)
     return raw

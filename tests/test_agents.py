@@ -31,9 +31,14 @@ HISTORY: list[ChatMessage] = [
 ]
 
 
-async def collect(agent: Agent, messages: list[ChatMessage] = HISTORY, timeout: float = 10.0) -> list[str]:
+async def collect(
+    agent: Agent,
+    messages: list[ChatMessage] = HISTORY,
+    timeout: float = 10.0,
+    context: AgentContext = CONTEXT,
+) -> list[str]:
     async def run() -> list[str]:
-        return [delta async for delta in agent.stream(messages, CONTEXT)]
+        return [delta async for delta in agent.stream(messages, context)]
 
     return await asyncio.wait_for(run(), timeout)
 
@@ -70,6 +75,34 @@ async def test_openai_agent_streams_deltas_in_order_and_sends_system_and_history
     assert request["stream"] is True
     assert request["max_tokens"] == 42
     assert request["temperature"] == 0.3
+
+
+async def test_openai_agent_takes_the_sessions_model_and_sampling_and_reports_the_usage() -> None:
+    async with FakeOpenAI("Six. Anything else?") as fake:
+        agent = create_agent(openai_settings(fake, llm_max_tokens=42, llm_temperature=0.3))
+        context = AgentContext(session_id="s", model="mistral-7b", temperature=0.8, max_tokens=4096)
+        try:
+            await collect(agent, context=context)
+        finally:
+            await agent.aclose()
+    [request] = fake.requests
+    assert (request["model"], request["temperature"], request["max_tokens"]) == ("mistral-7b", 0.8, 4096)
+    assert request["stream_options"] == {"include_usage": True}
+    # What the endpoint's final usage chunk said the reply cost.
+    prompt = sum(len(m["content"].split()) for m in HISTORY)
+    assert context.usage.as_dict() == {"input_tokens": prompt, "output_tokens": 3, "total_tokens": prompt + 3}
+
+
+async def test_openai_agent_asks_for_no_usage_where_the_server_would_refuse_stream_options() -> None:
+    async with FakeOpenAI("Six.") as fake:
+        agent = create_agent(openai_settings(fake, llm_stream_usage=False))
+        context = AgentContext(session_id="s")
+        try:
+            await collect(agent, context=context)
+        finally:
+            await agent.aclose()
+    assert "stream_options" not in fake.requests[0]
+    assert context.usage.as_dict() is None, "no usage reported is null, not zeros"
 
 
 async def test_openai_agent_reply_can_depend_on_the_conversation() -> None:
@@ -603,3 +636,21 @@ async def test_a_prepared_local_agent_holds_the_history_and_answers_as_an_unprep
     assert any(held[i : i + len(prompt)] == prompt for i in range(len(held))), "history not evaluated"
     prepared = "".join(await collect(local_agent, [*history, question], timeout=30))
     assert prepared == unprepared  # temperature 0: the cache changes the speed, not the answer
+
+
+@needs_local
+async def test_local_agent_reports_the_tokens_its_streamed_reply_cost(local_agent: LocalLlamaAgent) -> None:
+    question: list[ChatMessage] = [{"role": "user", "content": "Tell me about the history of France."}]
+    for max_tokens in (5, 200):  # cut at the limit, and (most likely) ended by the model
+        context = AgentContext(session_id="s", max_tokens=max_tokens)
+        await collect(local_agent, question, timeout=60, context=context)
+        llm = local_agent._llm
+        assert llm is not None
+        # llama.cpp's own count for the same request, not streamed (temperature 0: the same reply).
+        whole = llm.create_chat_completion(messages=question, max_tokens=max_tokens, temperature=0.0)
+        usage = whole["usage"]
+        assert context.usage.as_dict() == {
+            "input_tokens": usage["prompt_tokens"],
+            "output_tokens": usage["completion_tokens"],
+            "total_tokens": usage["total_tokens"],
+        }

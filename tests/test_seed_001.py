@@ -98,7 +98,10 @@ async def test_the_seed_front_end_flow_in_hindi_on_engines_that_serve_it(
                 started = await resp.json()
             assert resp.status == 200, started
             # The seed's front end hands ws_url to its WebSocket as it is: it must be absolute.
-            assert started["ws_url"] == f"ws://127.0.0.1:{url.rsplit(':', 1)[1]}{API}/session/{started['session_id']}/ws"
+            assert (
+                started["ws_url"]
+                == f"ws://127.0.0.1:{url.rsplit(':', 1)[1]}{API}/session/{started['session_id']}/ws"
+            )
             end = {"session_id": started["session_id"]}
             async with http.ws_connect(started["ws_url"]) as ws:
                 hello = await ws.receive_json(timeout=10)
@@ -143,7 +146,11 @@ async def test_a_text_session_type_streams_text_and_no_audio(
             await ws.send_json({"type": "text_message", "content": QUESTION})
             got: list[aiohttp.WSMessage] = []
             async with asyncio.timeout(30):
-                while not got or got[-1].type != aiohttp.WSMsgType.TEXT or '"end_of_response"' not in got[-1].data:
+                while (
+                    not got
+                    or got[-1].type != aiohttp.WSMsgType.TEXT
+                    or '"end_of_response"' not in got[-1].data
+                ):
                     got.append(await ws.receive())
     assert hello["output_audio"] is None and hello["tts"] is None
     assert all(m.type == aiohttp.WSMsgType.TEXT for m in got), "no audio on a text session"

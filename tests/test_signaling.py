@@ -109,7 +109,12 @@ async def test_a_bad_offer_ends_its_session(server: str) -> None:
     async with aiohttp.ClientSession() as http:
         sid = await new_session(http, server)
         await request(http, "POST", f"{server}{API}/session/{sid}/offer", json={"sdp": "garbage"})
-        status, _ = await request(http, "POST", f"{server}{API}/session/end", json={"session_id": sid})
+        # Already over: ending it again is no error, and says why it ended.
+        status, ended = await request(http, "POST", f"{server}{API}/session/end", json={"session_id": sid})
+        assert status == 200 and ended["reason"] == "bad_offer"
+        status, _ = await request(
+            http, "POST", f"{server}{API}/session/end", json={"session_id": "never-was"}
+        )
         assert status == 404
         _, body = await request(http, "GET", f"{server}{API}/status")
         assert body["sessions"] == 0

@@ -21,6 +21,7 @@ from speech import at_16k, speak, wer
 from rtcvoice.audio import STT_RATE, Int16Audio, int16_to_float, resample_pcm
 from rtcvoice.client import VoiceCallClient
 from rtcvoice.engines import Engines
+from rtcvoice.server.threads import ThreadRecorder
 from rtcvoice.store.sqlite import SqliteStore
 
 API = "/api/v1/voice"
@@ -270,3 +271,22 @@ async def test_a_postgres_url_keeps_the_threads_in_postgres(
     assert events[-1]["type"] == "end_of_response"
     assert [(m["role"], m["content_type"]) for m in stored] == [("user", "voice"), ("assistant", "voice")]
     assert stored[1]["content"] == A1
+
+
+async def test_a_message_recorded_while_the_call_closes_is_still_written(tmp_path: Path) -> None:
+    store = SqliteStore(str(tmp_path / "closing.db"))
+    await store.open()
+    try:
+        thread = await store.create_thread(None, "t")
+        recorder = ThreadRecorder(store, user_id=None, thread_id=thread.id, session_id="s")
+        closing = asyncio.create_task(recorder.aclose())
+        await asyncio.sleep(0)  # the close has begun: its end marker is queued
+        # e.g. the reply a second, overlapping close was storing as it interrupted the turn
+        stored = recorder.record({"role": "assistant", "content": "heard so far"}, {"turn_id": "t1"})
+        await closing
+        assert await asyncio.wait_for(stored, 5) is not None
+        assert [m.content for m in await store.list_messages(thread.id)] == ["heard so far"]
+        late = recorder.record({"role": "assistant", "content": "after the end"}, {})
+        assert await asyncio.wait_for(late, 5) is None, "a write after the close resolves, unwritten"
+    finally:
+        await store.close()

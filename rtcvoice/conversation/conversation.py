@@ -67,6 +67,7 @@ GAP_LEAD_S = 0.1  # ...and before each later sentence, so they do not run togeth
 GAP_TAIL_S = 0.15
 # A caller who speaks again this soon after a turn ended early as a question was not done.
 RESUME_WITHIN_S = 1.0
+WRITE_WAIT_S = 15.0  # how long closing a call waits for its messages to be stored
 # A push-to-talk client's end_of_input this soon after the silence ended the turn is about that turn.
 END_OF_INPUT_GRACE_S = 3.0
 
@@ -254,6 +255,7 @@ class Conversation:
         self._resumable: tuple[Turn, list[Int16Audio], float] | None = None
         self._continues: str | None = None
         self._side_tasks: set[asyncio.Task[Any] | asyncio.Future[Any]] = set()
+        self._writes: set[asyncio.Future[str | None]] = set()  # messages being stored
         self._closed = False
         self._closing = False
         self.turns_completed = 0
@@ -766,9 +768,12 @@ class Conversation:
         """
         if self._recorder is None:
             return None
-        return await self._recorder.record(
-            message, {"turn_id": turn.id, "session_id": self.session_id, **extra}
-        )
+        written = self._recorder.record(message, {"turn_id": turn.id, "session_id": self.session_id, **extra})
+        self._writes.add(written)
+        written.add_done_callback(self._writes.discard)
+        # Shielded: a turn cancelled mid-write (barge-in, the end of the call) leaves the write to
+        # finish, and aclose waits for it.
+        return await asyncio.shield(written)
 
     async def _persist_reply(self, turn: Turn, *, interrupted: bool, said: str | None = None) -> None:
         content = turn.ai_text.strip() if said is None else said
@@ -972,6 +977,15 @@ class Conversation:
                     getattr(task, "get_name", lambda: "?")(),
                 )
         self._side_tasks.clear()
+        # Closed means stored: whoever says goodbye next ("session.ended", "Conversation saved")
+        # may be followed at once by the app reading the thread. The recorder resolves every write;
+        # the bound is for a database that hangs, which must not hold the call open for ever.
+        if self._writes:
+            _done, pending = await asyncio.wait(set(self._writes), timeout=WRITE_WAIT_S)
+            if pending:
+                log.error(
+                    "session %s: %d messages still being stored at close", self.session_id, len(pending)
+                )
 
 
 # A transport builds its call's Conversation from its own sink and event sender.

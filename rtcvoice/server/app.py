@@ -273,7 +273,11 @@ async def session_end(request: web.Request) -> web.Response:
     if not isinstance(session_id, str):
         raise ApiError(400, "invalid_field", "Send {'session_id': <id>}.")
     registry, user = request.app[SESSIONS], request_user(request)
-    answer: dict[str, Any] = {"session_id": session_id, "ended": True, "message": "Session ended successfully"}
+    answer: dict[str, Any] = {
+        "session_id": session_id,
+        "ended": True,
+        "message": "Session ended successfully",
+    }
     # Ending a call that already ended (its socket closed first) is done, not an error.
     already = registry.ended_reason(session_id, user)
     if already is not None:

@@ -119,10 +119,17 @@ class ThreadRecorder:
         return self.thread_id
 
     async def _write_loop(self) -> None:
+        closing = False
         while True:
+            if closing and self._queue.empty():
+                # Nothing awaits between this check and the end of the task, so a record() that
+                # comes later sees the writer done and says so instead of queueing into the void.
+                return
             item = await self._queue.get()
             if item is None:
-                return
+                # What was recorded while the call was closing came after the marker: write it too.
+                closing = True
+                continue
             queued_thread, (message, meta, done) = item
             stored: str | None = None
             try:

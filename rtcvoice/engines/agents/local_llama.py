@@ -154,6 +154,7 @@ class LocalLlamaAgent:
         put: Callable[[_Item], None],
     ) -> None:
         generated = 0
+        finish: str | None = None
         try:
             llm = self._load()
             chunks: Iterator[Any] = iter(
@@ -168,15 +169,19 @@ class LocalLlamaAgent:
                 for chunk in chunks:
                     if stop.is_set() or self._closing.is_set():
                         break
-                    delta = chunk["choices"][0]["delta"]
+                    choice = chunk["choices"][0]
+                    delta = choice["delta"]
+                    finish = choice.get("finish_reason") or finish
                     # One chunk with "content" per sampled token (the role and finish chunks have none).
                     generated += "content" in delta
                     text = delta.get("content")
                     if text:
                         put(text)
                 else:
-                    # The context now holds the prompt and every token but the last one sampled.
-                    context.usage.add(max(0, llm.n_tokens - generated + 1), generated)
+                    # The context holds the prompt and the reply, less the last token when the
+                    # reply was cut at max_tokens (it was sampled but never evaluated).
+                    unevaluated = 1 if finish == "length" else 0
+                    context.usage.add(max(0, llm.n_tokens - generated + unevaluated), generated)
             finally:
                 close = getattr(chunks, "close", None)
                 if close is not None:
