@@ -32,6 +32,8 @@ from playwright.async_api import Page, Playwright
 # pw and silence_wav are fixtures: imported here, pytest finds them for this module's tests.
 from test_browser import chromium, eventually, live_sessions, pw, silence_wav  # noqa: F401
 
+from rtcvoice.conversation.conversation import APOLOGY
+
 SEEDS = Path(__file__).resolve().parent / "seeds"
 SEED = SEEDS / "000"
 ESBUILD = SEEDS / "node_modules" / ".bin" / "esbuild"
@@ -448,3 +450,22 @@ def test_the_seed_file_is_the_seeds_code_block_verbatim() -> None:
     assert hashlib.sha256(copy.encode()).hexdigest() == SEED_FILE_SHA256
     if seed_text.exists():  # the seeds folder is not part of the repository
         assert f"```typescript\n{copy}```" in seed_text.read_text()
+
+
+async def test_a_failing_agent_still_gets_a_voice_response_the_page_can_speak(
+    start_server: ServerFactory,
+) -> None:
+    """The seed's page speaks every voice-response and ignores errors once started: a failed
+    turn must give it words to say, not silence or an empty string."""
+    async with FakeOpenAI(fault="500") as failing:
+        api = await start_server(agent=openai_agent(failing))
+        sock = await SeedSocket().connect(api)
+        try:
+            session_id = await sock.start(userId=USER, chatId="chat-fault")
+            await sock.emit("voice-message", {"sessionId": session_id, "transcript": SOCKET_QUESTION})
+            error = await sock.expect("error")
+            response = await sock.expect("voice-response")
+        finally:
+            await sock.client.disconnect()
+    assert error["code"] == "agent_error" and error["sessionId"] == session_id
+    assert response["text"] == APOLOGY and response["messageId"] is None, "the apology is not stored"

@@ -17,7 +17,7 @@ from .auth import request_user
 from .callers import check_capacity
 from .calls import call_limits, prepare_call
 from .errors import ApiError
-from .fallback import HEARTBEAT_S
+from .fallback import HEARTBEAT_S, serve_socket
 from .keys import ENGINES, SESSIONS, SETTINGS, STORE
 from .threads import owned_thread
 
@@ -63,11 +63,7 @@ async def audio_chat_ws(request: web.Request) -> web.StreamResponse:
         on_stop=stop,
         stt_name=engines.stt.name,
     )
-    registry.attach(session, peer, recorder)
-    try:
-        await peer.run()
-    finally:
-        await registry.end(session.id, "websocket_closed")
+    await serve_socket(registry, session, peer, recorder)
     return ws
 
 

@@ -27,8 +27,8 @@ from .callers import body_user
 from .calls import call_limits, prepare_call
 from .errors import ApiError
 from .keys import ENGINES, REALTIME, SESSIONS, SETTINGS, STORE
-from .sessions import session_for
-from .threads import load_history, owned_thread
+from .sessions import SessionRegistry, VoiceSession, session_for
+from .threads import ThreadRecorder, load_history, owned_thread
 
 log = logging.getLogger(__name__)
 
@@ -68,12 +68,19 @@ async def session_ws(request: web.Request) -> web.StreamResponse:
         if options.speaks
         else None,
     )
+    await serve_socket(registry, session, peer, recorder)
+    return ws
+
+
+async def serve_socket(
+    registry: SessionRegistry, session: VoiceSession, peer: WebSocketPeer, recorder: ThreadRecorder
+) -> None:
+    """Run a session's WebSocket call until it closes; the session ends with it."""
     registry.attach(session, peer, recorder)
     try:
         await peer.run()
     finally:
         await registry.end(session.id, "websocket_closed")
-    return ws
 
 
 async def realtime_ws(request: web.Request) -> web.StreamResponse:

@@ -69,3 +69,19 @@ async def watchdog(
         log.info("call ends: %s", reason)
         await end(reason)
         return
+
+
+def watch_length_and_idle(
+    limits: CallLimits,
+    *,
+    last_activity: Callable[[], float],
+    end: Callable[[str], Awaitable[None]],
+    name: str,
+) -> asyncio.Task[None]:
+    """The watchdog of a transport whose own heartbeat notices a vanished client (WebSocket,
+    Socket.IO): it keeps the call-length and idle limits only."""
+    now = time.monotonic()
+    return asyncio.create_task(
+        watchdog(limits, started=now, last_heard=time.monotonic, last_activity=last_activity, end=end),
+        name=name,
+    )

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from ..conversation import ConversationFactory
-from .limits import CallLimits, RateLimiter, watchdog
+from ..conversation.conversation import APOLOGY
+from .limits import CallLimits, RateLimiter, watch_length_and_idle
 
 log = logging.getLogger(__name__)
 
@@ -46,21 +46,17 @@ class SocketIoPeer:
         self._tasks: list[asyncio.Task[None]] = []
         self._closed = False
         self.late_frames = 0  # no audio goes out
+        self._failed_turns: set[str] = set()
 
     def start(self) -> None:
         conversation = self.conversation
         self._tasks = [
             asyncio.create_task(self._write_loop(), name=f"sio-out-{self.session_id}"),
-            # The Socket.IO heartbeat notices a vanished client (its disconnect ends the session);
-            # the watchdog keeps the length and idle limits.
-            asyncio.create_task(
-                watchdog(
-                    self.limits,
-                    started=time.monotonic(),
-                    last_heard=time.monotonic,
-                    last_activity=lambda: conversation.last_activity,
-                    end=self.close,
-                ),
+            # The Socket.IO heartbeat notices a vanished client (its disconnect ends the session).
+            watch_length_and_idle(
+                self.limits,
+                last_activity=lambda: conversation.last_activity,
+                end=self.close,
                 name=f"sio-watchdog-{self.session_id}",
             ),
         ]
@@ -81,13 +77,18 @@ class SocketIoPeer:
     def _on_event(self, event: dict[str, Any]) -> None:
         kind = event.get("type")
         if kind == "end_of_response" and not event.get("interrupted"):
-            # A reply cut short by the next transcript was never shown: nothing to speak.
+            # A reply cut short by the next transcript was never shown: nothing to speak. A turn
+            # whose agent failed before saying anything gets the apology a voice call would hear,
+            # so a page that speaks every voice-response does not go quiet (nor speak "").
+            text = event.get("text", "")
+            if not text and event.get("turn_id") in self._failed_turns:
+                text = APOLOGY
             self._outbox.put_nowait(
                 (
                     "voice-response",
                     {
                         "messageId": event.get("message_id"),
-                        "text": event.get("text", ""),
+                        "text": text,
                         "sessionId": self.session_id,
                         "chatId": self.conversation.thread_id,
                         "usage": event.get("usage"),
@@ -99,6 +100,8 @@ class SocketIoPeer:
                 ("voice-transcript", {"sessionId": self.session_id, "transcript": event.get("text", "")})
             )
         elif kind == "error":
+            if event.get("turn_id"):
+                self._failed_turns.add(str(event["turn_id"]))
             self._queue_error(str(event.get("code", "error")), str(event.get("message", "")))
 
     def _queue_error(self, code: str, message: str) -> None:

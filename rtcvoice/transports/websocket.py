@@ -24,7 +24,7 @@ from aiohttp import WSMsgType, web
 
 from ..audio import STT_RATE, Int16Audio, write_wav
 from ..conversation import ConversationFactory
-from .limits import CallLimits, RateLimiter, watchdog
+from .limits import CallLimits, RateLimiter, watch_length_and_idle
 from .tracks import PlayheadSink
 
 log = logging.getLogger(__name__)
@@ -183,15 +183,11 @@ class WebSocketPeer:
             asyncio.create_task(self._write_loop(), name=f"ws-out-{self.session_id}"),
             asyncio.create_task(self._pace_loop(), name=f"ws-pace-{self.session_id}"),
             # A vanished client is the heartbeat's to notice (aiohttp closes the socket when its
-            # pings go unanswered); the watchdog keeps the length and idle limits.
-            asyncio.create_task(
-                watchdog(
-                    self.limits,
-                    started=time.monotonic(),
-                    last_heard=time.monotonic,
-                    last_activity=lambda: conversation.last_activity,
-                    end=self.close,
-                ),
+            # pings go unanswered).
+            watch_length_and_idle(
+                self.limits,
+                last_activity=lambda: conversation.last_activity,
+                end=self.close,
                 name=f"ws-watchdog-{self.session_id}",
             ),
         ]
