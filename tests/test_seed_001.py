@@ -58,6 +58,13 @@ async def stream_turn(
     return events, bytes(audio)
 
 
+async def thread_messages(http: aiohttp.ClientSession, url: str, thread: str) -> list[tuple[str, str, str]]:
+    """(role, content, content_type) of the thread's stored messages, in order."""
+    async with http.get(f"{url}/api/v1/chat/threads/{thread}/messages") as resp:
+        assert resp.status == 200, await resp.text()
+        return [(m["role"], m["content"], m["content_type"]) for m in (await resp.json())["messages"]]
+
+
 def of(events: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
     return [e for e in events if e["type"] == kind]
 
@@ -112,6 +119,7 @@ async def test_the_seed_front_end_flow_in_hindi_on_engines_that_serve_it(
             # The seed's front end may end a session whose socket is already gone: that is done too.
             async with http.post(f"{url}{API}/session/end", json=end) as resp:
                 again = await resp.json()
+            stored = await thread_messages(http, url, started["thread_id"])
 
     assert hello["type"] == "session.started" and hello["language"] == "hi"
     # The seed's output audio is 16 kHz PCM16 mono, and the greeting says so in so many words.
@@ -130,6 +138,7 @@ async def test_the_seed_front_end_flow_in_hindi_on_engines_that_serve_it(
     assert request["model"] == "mistral-7b"
     assert "Hindi" in request["messages"][0]["content"]
     assert edge.requests[-1].voice.startswith("Microsoft Server Speech Text to Speech Voice (hi-IN")
+    assert stored == [("user", HINDI_QUESTION, "voice"), ("assistant", HINDI_ANSWER, "voice")]
 
 
 async def test_a_text_session_type_streams_text_and_no_audio(
@@ -183,7 +192,10 @@ async def test_a_backend_drives_the_ai_service_routes_with_its_own_session_ids(
             f"{url}/internal/ai/session/end", json={"session_id": "vsn_8df91e"}, headers=auth
         ) as resp:
             assert resp.status == 404, "the call already ended when its socket closed"
-        thread = hello["thread_id"] or next(e["thread_id"] for e in events if e["type"] == "thread.updated")
+        # The session had no thread: the call's first message made one, and said so.
+        assert hello["thread_id"] is None
+        thread = next(e["thread_id"] for e in events if e["type"] == "thread.updated")
+        stored = await thread_messages(http, url, thread)
 
     assert hello["session_id"] == "vsn_8df91e"
     assert wer(QUESTION, of(events, "final_transcript")[0]["text"]) <= 0.25
@@ -192,4 +204,6 @@ async def test_a_backend_drives_the_ai_service_routes_with_its_own_session_ids(
     # The relayed audio is the answer, at the 16 kHz the seed's audio table gives.
     heard = await shared_engines.stt.transcribe(int16_to_float(np.frombuffer(audio, "<i2")))
     assert wer(ANSWER, heard) <= 0.3, heard
-    assert thread, "the call's messages went to a thread made with its first message"
+    [(role, said, kind), reply] = stored
+    assert (role, kind) == ("user", "voice") and wer(QUESTION, said) <= 0.25
+    assert reply == ("assistant", ANSWER, "voice")

@@ -35,12 +35,12 @@ from ..audio import (
     rms_dbfs,
     trim_silence,
 )
-from ..engines.agents import check_model
 from ..engines.base import AgentContext, ChatMessage, EngineError, Engines, PreparingAgent
-from ..engines.languages import check_language, language_name
+from ..engines.languages import language_name
 from ..engines.vad import WINDOW, WINDOW_MS, VadStream
 from ..settings import Settings
 from .chunker import SentenceChunker
+from .config import SessionConfig
 from .events import ClientEvent, EventError, parse_client_event
 from .history import context_window
 from .turns import TurnDetector, TurnEvent
@@ -109,18 +109,6 @@ class Recorder(Protocol):
     async def switch_thread(self, thread_id: str) -> list[ChatMessage]:
         """Move the call to another thread; returns its history. LookupError if not allowed."""
         ...
-
-
-@dataclass
-class SessionConfig:
-    voice: str
-    instructions: str
-    language: str
-    speed: float
-    # The agent's own defaults apply where these are None.
-    model: str | None = None
-    temperature: float | None = None
-    max_tokens: int | None = None
 
 
 @dataclass
@@ -891,60 +879,11 @@ class Conversation:
     def update_session(self, data: dict[str, Any]) -> None:
         """Apply what a client asked for; each field that cannot be served is an ``error`` event of
         its own, and the others still apply. Ends with ``session.updated`` (the settings in force)."""
-        config = self.config
-        if "language" in data:
-            try:
-                config.language = check_language(
-                    self.engines, data["language"], speech_out=self.sink is not None
-                )
-            except EngineError as exc:
-                self.emit("error", code=exc.code, message=str(exc))
-            else:
-                if "voice" not in data:
-                    config.voice = self.voice_for(config.language, config.voice)
-        if "voice" in data:
-            known = {v.id for v in self.engines.tts.voices()}
-            if known and data["voice"] not in known:
-                self.emit(
-                    "error",
-                    code="invalid_voice",
-                    message=f"Unknown voice {data['voice'][:64]!r}; see GET /api/v1/voice/voices.",
-                )
-            else:
-                config.voice = data["voice"]
-        if "model" in data:
-            try:
-                check_model(self.engines.agent, data["model"])
-            except EngineError as exc:
-                self.emit("error", code=exc.code, message=str(exc))
-            else:
-                config.model = data["model"]
+        for refused in self.config.update(self.engines, data, speaks=self.sink is not None):
+            self.emit("error", code=refused.code, message=str(refused))
         if "instructions" in data:
-            config.instructions = data["instructions"]
             self._prepare_agent()
-        if "speed" in data:
-            config.speed = float(data["speed"])
-        if "temperature" in data:
-            config.temperature = float(data["temperature"])
-        if "max_tokens" in data:
-            config.max_tokens = int(data["max_tokens"])
-        self.emit(
-            "session.updated",
-            voice=config.voice,
-            language=config.language,
-            speed=config.speed,
-            model=config.model,
-            temperature=config.temperature,
-            max_tokens=config.max_tokens,
-        )
-
-    def voice_for(self, language: str, current: str) -> str:
-        """The current voice if it speaks ``language``, else the first one that does."""
-        voices = self.engines.tts.voices()
-        speaks = [v.id for v in voices if v.language.split("-")[0].lower() == language]
-        if not speaks or current in speaks:
-            return current
-        return speaks[0]
+        self.emit("session.updated", **self.config.as_event())
 
     # -- lifecycle --------------------------------------------------------------------------------
     def _spawn(self, coro: Awaitable[Any]) -> None:

@@ -79,22 +79,31 @@ def parse_client_event(raw: str | bytes) -> ClientEvent:
         session = data.get("session", data)
         if not isinstance(session, dict):
             raise EventError("invalid_event", "session.update needs an object of settings.")
-        clean: dict[str, Any] = {}
-        for name, types in SESSION_UPDATE_FIELDS.items():
-            if name in session:
-                value = session[name]
-                if isinstance(value, bool) or not isinstance(value, types):
-                    raise EventError("invalid_event", f"session.update field {name!r} has the wrong type.")
-                clean[name] = value
-        if isinstance(clean.get("instructions"), str) and len(clean["instructions"]) > MAX_TEXT_CHARS:
-            raise EventError("message_too_large", f"instructions are limited to {MAX_TEXT_CHARS} characters.")
-        if "speed" in clean and not 0.5 <= float(clean["speed"]) <= 2.0:
-            raise EventError("invalid_event", "speed must be between 0.5 and 2.0.")
-        if "temperature" in clean and not 0.0 <= float(clean["temperature"]) <= 2.0:
-            raise EventError("invalid_event", "temperature must be between 0 and 2.")
-        if "max_tokens" in clean and not 1 <= clean["max_tokens"] <= MAX_TOKENS_LIMIT:
-            raise EventError("invalid_event", f"max_tokens must be between 1 and {MAX_TOKENS_LIMIT}.")
-        if "model" in clean and not 0 < len(clean["model"]) <= 200:
-            raise EventError("invalid_event", "model must be a name of 1 to 200 characters.")
-        data = {"type": kind, **clean}
+        data = {"type": kind, **session_choices(session)}
     return ClientEvent(kind, data)
+
+
+def session_choices(session: dict[str, Any]) -> dict[str, Any]:
+    """The session settings in ``session`` (others are ignored), each of the right type and range.
+
+    For ``session.update`` and for the options a call is started with alike; EventError if not.
+    """
+    clean: dict[str, Any] = {}
+    for name, types in SESSION_UPDATE_FIELDS.items():
+        if session.get(name) is not None:
+            value = session[name]
+            if isinstance(value, bool) or not isinstance(value, types):
+                raise EventError("invalid_event", f"session field {name!r} has the wrong type.")
+            clean[name] = value
+    if isinstance(clean.get("instructions"), str) and len(clean["instructions"]) > MAX_TEXT_CHARS:
+        raise EventError("message_too_large", f"instructions are limited to {MAX_TEXT_CHARS} characters.")
+    if "speed" in clean and not 0.5 <= float(clean["speed"]) <= 2.0:
+        raise EventError("invalid_event", "speed must be between 0.5 and 2.0.")
+    if "temperature" in clean and not 0.0 <= float(clean["temperature"]) <= 2.0:
+        raise EventError("invalid_event", "temperature must be between 0 and 2.")
+    if "max_tokens" in clean and not 1 <= clean["max_tokens"] <= MAX_TOKENS_LIMIT:
+        raise EventError("invalid_event", f"max_tokens must be between 1 and {MAX_TOKENS_LIMIT}.")
+    for name in ("voice", "model", "language"):
+        if name in clean and not 0 < len(clean[name]) <= 200:
+            raise EventError("invalid_event", f"{name} must be a name of 1 to 200 characters.")
+    return clean

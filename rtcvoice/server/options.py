@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from ..conversation.events import MAX_TEXT_CHARS, MAX_TOKENS_LIMIT
-from ..engines import EngineError, Engines
-from ..engines.agents import check_model
-from ..engines.languages import check_language
-from .bodies import optional_str
+from ..conversation.config import SessionConfig
+from ..conversation.events import EventError, session_choices
+from ..engines import Engines
 from .errors import ApiError
 
 if TYPE_CHECKING:
@@ -17,18 +15,22 @@ if TYPE_CHECKING:
 
 MIN_OUTPUT_RATE, MAX_OUTPUT_RATE = 8_000, 48_000
 SESSION_TYPES = ("voice", "text")
+# The names other systems give the same choices in their start requests.
+ALIASES = {
+    "model_name": "model",
+    "modelName": "model",
+    "max_response_output_tokens": "max_tokens",
+    "sessionType": "session_type",
+    "outputSampleRate": "output_sample_rate",
+}
 
 
 @dataclass(frozen=True)
 class CallOptions:
-    """What a client chose for its call when it started it; None leaves the server's default."""
+    """What a client chose for its call when it started it; what it left out keeps the server's default."""
 
-    voice: str | None = None
-    instructions: str | None = None
-    language: str | None = None
-    model: str | None = None
-    temperature: float | None = None
-    max_tokens: int | None = None
+    # Checked session settings, as a session.update would carry them (voice, language, model...).
+    choices: dict[str, Any] = field(default_factory=dict)
     # "text": the client speaks and listens itself; the call sends no audio (and takes none).
     session_type: str = "voice"
     output_sample_rate: int | None = None
@@ -37,74 +39,48 @@ class CallOptions:
     def speaks(self) -> bool:
         return self.session_type == "voice"
 
+    @property
+    def language(self) -> str | None:
+        value = self.choices.get("language")
+        return value if isinstance(value, str) else None
+
     def apply(self, conversation: Conversation) -> None:
-        config = conversation.config
-        for name in ("voice", "instructions", "language", "model", "temperature", "max_tokens"):
-            value = getattr(self, name)
-            if value is not None:
-                setattr(config, name, value)
-        if self.language is not None and self.voice is None:
-            config.voice = conversation.voice_for(self.language, config.voice)
+        # Checked when the call was asked for; the same engines serve it now.
+        conversation.config.update(conversation.engines, self.choices, speaks=self.speaks)
 
 
 def call_options(engines: Engines, body: dict[str, Any]) -> CallOptions:
     """The options in a session-start body (snake_case or camelCase), checked against the engines.
 
-    Anything the configured engines cannot serve is a 400 that says what and why: a call asked
-    for in Hindi is refused, not answered in English.
+    The same checks as a ``session.update``: anything the configured engines cannot serve is a
+    400 that says what and why, so a call asked for in Hindi is refused, not answered in English.
     """
-    session_type = _field(body, "session_type", "sessionType") or "voice"
+    fields = {ALIASES.get(k, k): v for k, v in body.items() if v is not None}
+    session_type = fields.get("session_type", "voice")
     if session_type not in SESSION_TYPES:
         raise ApiError(400, "invalid_field", f"'session_type' must be one of {', '.join(SESSION_TYPES)}.")
+    rate = fields.get("output_sample_rate")
+    if rate is not None and (
+        isinstance(rate, bool) or not isinstance(rate, int) or not MIN_OUTPUT_RATE <= rate <= MAX_OUTPUT_RATE
+    ):
+        raise ApiError(
+            400,
+            "invalid_field",
+            f"'output_sample_rate' must be a whole number from {MIN_OUTPUT_RATE} to {MAX_OUTPUT_RATE}.",
+        )
     speaks = session_type == "voice"
-    voice = _field(body, "voice", max_len=200)
-    if voice is not None and voice not in {v.id for v in engines.tts.voices()}:
-        raise ApiError(400, "invalid_voice", f"Unknown voice {voice[:64]!r}; see GET /api/v1/voice/voices.")
-    language = _field(body, "language", max_len=35)
-    model = _field(body, "model", "model_name", "modelName", max_len=200)
     try:
-        if language is not None:
-            language = check_language(engines, language, speech_in=speaks, speech_out=speaks)
-        if model is not None:
-            check_model(engines.agent, model)
-    except EngineError as exc:
-        raise ApiError(400, exc.code, str(exc)) from None
+        choices = session_choices(fields)
+    except EventError as exc:
+        raise ApiError(400, "invalid_field", exc.message) from None
+    # Tried on a scratch configuration: the first choice the engines refuse is the answer.
+    scratch = SessionConfig(voice="", instructions="", language="en", speed=1.0)
+    refused = scratch.update(engines, choices, speaks=speaks)
+    if refused:
+        raise ApiError(400, refused[0].code, str(refused[0]))
+    choices["language"] = scratch.language if "language" in choices else None
     return CallOptions(
-        voice=voice,
-        instructions=_field(body, "instructions", max_len=MAX_TEXT_CHARS),
-        language=language,
-        model=model,
-        temperature=_number(body, 0.0, 2.0, "temperature"),
-        max_tokens=_whole(body, 1, MAX_TOKENS_LIMIT, "max_tokens", "max_response_output_tokens"),
+        choices={k: v for k, v in choices.items() if v is not None},
         session_type=session_type,
-        output_sample_rate=_whole(
-            body, MIN_OUTPUT_RATE, MAX_OUTPUT_RATE, "output_sample_rate", "outputSampleRate"
-        ),
+        output_sample_rate=rate,
     )
-
-
-def _field(body: dict[str, Any], *names: str, max_len: int = 4000) -> str | None:
-    for name in names:
-        if body.get(name) is not None:
-            return optional_str(body, name, max_len)
-    return None
-
-
-def _number(body: dict[str, Any], low: float, high: float, name: str) -> float | None:
-    value = body.get(name)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= high:
-        raise ApiError(400, "invalid_field", f"'{name}' must be a number from {low:g} to {high:g}.")
-    return float(value)
-
-
-def _whole(body: dict[str, Any], low: int, high: int, *names: str) -> int | None:
-    for name in names:
-        value = body.get(name)
-        if value is None:
-            continue
-        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-            raise ApiError(400, "invalid_field", f"'{name}' must be a whole number from {low} to {high}.")
-        return value
-    return None
