@@ -6,6 +6,7 @@ calls, so a stream resampled chunk by chunk has no clicks at chunk borders.
 
 from __future__ import annotations
 
+import io
 import wave
 from pathlib import Path
 from typing import BinaryIO
@@ -85,6 +86,13 @@ def write_wav(path: str | Path | BinaryIO, pcm: Int16Audio, rate: int) -> None:
         w.setsampwidth(2)
         w.setframerate(rate)
         w.writeframes(pcm.astype("<i2").tobytes())
+
+
+def wav_bytes(pcm: Int16Audio, rate: int) -> bytes:
+    """A whole WAV file in memory: for players and APIs that need a container, not raw PCM."""
+    buf = io.BytesIO()
+    write_wav(buf, pcm, rate)
+    return buf.getvalue()
 
 
 def resample_pcm(pcm: Int16Audio, in_rate: int, out_rate: int) -> Int16Audio:

@@ -207,3 +207,25 @@ async def test_a_backend_drives_the_ai_service_routes_with_its_own_session_ids(
     [(role, said, kind), reply] = stored
     assert (role, kind) == ("user", "voice") and wer(QUESTION, said) <= 0.25
     assert reply == ("assistant", ANSWER, "voice")
+
+
+async def test_ending_a_reopened_session_id_ends_the_live_session_not_the_old_one(
+    start_server: ServerFactory,
+) -> None:
+    """A backend that reuses its session id: the id's first session ended, its second is live."""
+    url = await start_server()
+    body = {"session_id": "vsn_again", "session_type": "text"}
+    end = {"session_id": "vsn_again"}
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"{url}/internal/ai/session/start", json=body) as resp:
+            assert resp.status == 200
+        async with http.post(f"{url}{API}/session/end", json=end) as resp:
+            assert (await resp.json())["reason"] == "client_hangup"
+        async with http.post(f"{url}/internal/ai/session/start", json=body) as resp:
+            assert resp.status == 200, "the id is free again once its session ended"
+        async with http.post(f"{url}{API}/session/end", json=end) as resp:
+            ended = await resp.json()
+        async with http.get(f"{url}{API}/status") as resp:
+            sessions = (await resp.json())["sessions"]
+    assert ended["reason"] == "client_hangup", "the live session was ended, not reported as the old one"
+    assert sessions == 0

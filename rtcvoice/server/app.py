@@ -28,7 +28,7 @@ from .keys import AUTH, ENGINES, ICE, REALTIME, SESSIONS, SETTINGS, STORE
 from .options import call_options
 from .sessions import SessionRegistry, VoiceSession, session_for
 from .socket_io import attach_socketio, socketio_ctx
-from .threads import owned_thread
+from .threads import thread_for
 from .turn import IceServers
 from .urls import check_public_url, websocket_url
 
@@ -194,12 +194,7 @@ async def session_start(request: web.Request) -> web.Response:
     check_capacity(registry, settings, user)
     options = call_options(app[ENGINES], body)
     thread_id = optional_str(body, "thread_id", 200) or optional_str(body, "threadId", 200)
-    store = app[STORE]
-    thread = (
-        await owned_thread(store, thread_id, user, create=settings.create_unknown_threads)
-        if thread_id
-        else await store.create_thread(user, "Voice call")
-    )
+    thread = await thread_for(app[STORE], thread_id, user, create_unknown=settings.create_unknown_threads)
     session = registry.create(user_id=user, thread_id=thread.id, options=options)
     return web.json_response(
         {
@@ -278,8 +273,9 @@ async def session_end(request: web.Request) -> web.Response:
         "ended": True,
         "message": "Session ended successfully",
     }
-    # Ending a call that already ended (its socket closed first) is done, not an error.
-    already = registry.ended_reason(session_id, user)
+    # Ending a call that already ended (its socket closed first) is done, not an error. A live
+    # session comes first: a backend may open a new one under an id it used before.
+    already = registry.ended_reason(session_id, user) if registry.get(session_id) is None else None
     if already is not None:
         return web.json_response({**answer, "reason": already})
     session_for(registry, session_id, user)

@@ -91,10 +91,17 @@ def _unauthorized(code: str, message: str) -> ApiError:
     return ApiError(401, code, message, {"WWW-Authenticate": 'Bearer realm="rtcvoice"'})
 
 
-def token_from(request: web.Request) -> str | None:
-    header = request.headers.get("Authorization", "")
+def bearer_token(header: str) -> str | None:
+    """The token of an ``Authorization: Bearer <token>`` header; None for any other header."""
     if header[:7].lower() == "bearer ":
         return header[7:].strip() or None
+    return None
+
+
+def token_from(request: web.Request) -> str | None:
+    token = bearer_token(request.headers.get("Authorization", ""))
+    if token is not None:
+        return token
     if request.headers.get("Upgrade", "").lower() == "websocket":
         return request.query.get("token") or None
     return None

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import io
 import logging
 import uuid
 from dataclasses import dataclass
@@ -13,7 +12,7 @@ from typing import Any
 import numpy as np
 from aiohttp import web
 
-from ..audio import float_to_int16, write_wav
+from ..audio import float_to_int16, wav_bytes
 from ..conversation.conversation import aclose_stream
 from ..conversation.events import MAX_TEXT_CHARS
 from ..conversation.history import context_window
@@ -28,7 +27,7 @@ from .calls import call_limits, prepare_call
 from .errors import ApiError
 from .keys import ENGINES, REALTIME, SESSIONS, SETTINGS, STORE
 from .sessions import SessionRegistry, VoiceSession, session_for
-from .threads import ThreadRecorder, load_history, owned_thread
+from .threads import ThreadRecorder, load_history, thread_for
 
 log = logging.getLogger(__name__)
 
@@ -93,12 +92,11 @@ async def realtime_ws(request: web.Request) -> web.StreamResponse:
     dialect = request.query.get("dialect")
     if dialect is not None and dialect not in DIALECTS:
         raise ApiError(400, "invalid_field", f"'dialect' must be one of {', '.join(DIALECTS)}.")
-    store = request.app[STORE]
-    thread_id = request.query.get("thread_id")
-    thread = (
-        await owned_thread(store, thread_id, user, create=request.app[SETTINGS].create_unknown_threads)
-        if thread_id
-        else await store.create_thread(user, "Voice call")
+    thread = await thread_for(
+        request.app[STORE],
+        request.query.get("thread_id"),
+        user,
+        create_unknown=request.app[SETTINGS].create_unknown_threads,
     )
     ws = web.WebSocketResponse(heartbeat=HEARTBEAT_S, max_msg_size=MAX_MESSAGE_BYTES)
     if not ws.can_prepare(request).ok:
@@ -167,12 +165,8 @@ async def answer_transcript(request: web.Request, body: dict[str, Any]) -> Trans
             check_model(engines.agent, model)
         except EngineError as exc:
             raise ApiError(400, exc.code, str(exc)) from None
-    thread = (
-        await owned_thread(
-            store, chat_id, user, create=settings.create_unknown_threads, title=transcript[:60]
-        )
-        if chat_id
-        else await store.create_thread(user, transcript[:60])
+    thread = await thread_for(
+        store, chat_id, user, create_unknown=settings.create_unknown_threads, title=transcript[:60]
     )
     history = await load_history(store, thread.id)
     messages: list[ChatMessage] = [{"role": "system", "content": settings.system_prompt}]
@@ -219,9 +213,7 @@ async def _speak_wav(request: web.Request, text: str) -> str:
     except EngineError as exc:
         raise ApiError(502, exc.code, f"Text-to-speech failed: {exc}") from None
     pcm = float_to_int16(np.concatenate(chunks)) if chunks else np.zeros(0, np.int16)
-    buf = io.BytesIO()
-    write_wav(buf, pcm, tts.sample_rate)
-    return base64.b64encode(buf.getvalue()).decode("ascii")
+    return base64.b64encode(wav_bytes(pcm, tts.sample_rate)).decode("ascii")
 
 
 def routes() -> list[web.RouteDef]:

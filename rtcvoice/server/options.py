@@ -78,9 +78,10 @@ def call_options(engines: Engines, body: dict[str, Any]) -> CallOptions:
     refused = scratch.update(engines, choices, speaks=speaks)
     if refused:
         raise ApiError(400, refused[0].code, str(refused[0]))
-    choices["language"] = scratch.language if "language" in choices else None
+    if "language" in choices:
+        choices["language"] = scratch.language  # "en-US" is kept as "en"
     return CallOptions(
-        choices={k: v for k, v in choices.items() if v is not None},
+        choices=choices,
         session_type=session_type,
         output_sample_rate=rate,
     )

@@ -25,12 +25,13 @@ from aiohttp import web
 
 from ..conversation.events import MAX_TEXT_CHARS
 from ..transports.socketio_voice import SocketIoPeer
+from .auth import bearer_token
 from .callers import check_capacity
 from .calls import call_limits, prepare_call
 from .errors import ApiError
 from .keys import AUTH, SESSIONS, SETTINGS, STORE
 from .sessions import SessionRegistry
-from .threads import owned_thread
+from .threads import thread_for
 
 log = logging.getLogger(__name__)
 
@@ -157,10 +158,12 @@ async def _start(
     chat_id = body.get("chatId", body.get("chat_id"))
     if chat_id is not None and (not isinstance(chat_id, str | int) or isinstance(chat_id, bool)):
         raise ApiError(400, "invalid_field", "'chatId' must be a string.")
-    if chat_id is not None and str(chat_id):
-        thread = await owned_thread(store, str(chat_id)[:200], user, create=settings.create_unknown_threads)
-    else:
-        thread = await store.create_thread(user, "Voice call")
+    thread = await thread_for(
+        store,
+        str(chat_id)[:200] if chat_id is not None else None,
+        user,
+        create_unknown=settings.create_unknown_threads,
+    )
     session = registry.create(user_id=user, thread_id=thread.id)
     make, recorder = await prepare_call(app, session_id=session.id, user_id=user, thread_id=thread.id)
 
@@ -208,10 +211,7 @@ def _token(environ: dict[str, Any], auth: Any) -> str | None:
     query = parse_qs(environ.get("QUERY_STRING", ""))
     if query.get("token"):
         return query["token"][0] or None
-    header = str(environ.get("HTTP_AUTHORIZATION", ""))
-    if header[:7].lower() == "bearer ":
-        return header[7:].strip() or None
-    return None
+    return bearer_token(str(environ.get("HTTP_AUTHORIZATION", "")))
 
 
 async def socketio_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -48,6 +48,20 @@ async def owned_thread(
     return thread
 
 
+async def thread_for(
+    store: Store,
+    thread_id: str | None,
+    user_id: str | None,
+    *,
+    create_unknown: bool,
+    title: str = NEW_THREAD_TITLE,
+) -> Thread:
+    """The thread a call or request names (see :func:`owned_thread`), or a new one if it names none."""
+    if thread_id:
+        return await owned_thread(store, thread_id, user_id, create=create_unknown, title=title)
+    return await store.create_thread(user_id, title[:200])
+
+
 async def load_history(store: Store, thread_id: str, limit: int = HISTORY_LIMIT) -> list[ChatMessage]:
     messages = await store.list_messages(thread_id, limit=limit)
     history: list[ChatMessage] = []

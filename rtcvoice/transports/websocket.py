@@ -11,7 +11,6 @@ call (no output rate) sends no audio: its client speaks the replies itself.
 from __future__ import annotations
 
 import asyncio
-import io
 import json
 import logging
 import time
@@ -22,7 +21,7 @@ from typing import Any, Literal
 import numpy as np
 from aiohttp import WSMsgType, web
 
-from ..audio import STT_RATE, Int16Audio, write_wav
+from ..audio import STT_RATE, wav_bytes
 from ..conversation import ConversationFactory
 from .limits import CallLimits, RateLimiter, watch_length_and_idle
 from .tracks import PlayheadSink
@@ -74,34 +73,19 @@ class AudioOut:
         }
 
 
-def wav_bytes(pcm: Int16Audio, sample_rate: int) -> bytes:
-    """A whole WAV file: players that need a container (decodeAudioData, <audio>) take each frame as is."""
-    buf = io.BytesIO()
-    write_wav(buf, pcm, sample_rate)
-    return buf.getvalue()
-
-
 class PacedPcmSink(PlayheadSink):
-    """An AudioSink that sends PCM16 binary frames no faster than real time (plus ``lead_s``).
+    """An AudioSink that sends binary frames of the AI's voice no faster than real time (plus the lead).
 
-    ``frame`` wraps each chunk's samples for the wire (raw PCM16 by default).
+    A player that needs a container (decodeAudioData, ``<audio>``) takes each WAV frame as it is.
     """
 
-    def __init__(
-        self,
-        send: Callable[[bytes], None],
-        sample_rate: int = DEFAULT_OUTPUT_RATE,
-        *,
-        chunk_s: float = CHUNK_S,
-        lead_s: float = LEAD_S,
-        frame: Callable[[Int16Audio, int], bytes] | None = None,
-    ) -> None:
+    def __init__(self, send: Callable[[bytes], None], output: AudioOut) -> None:
         super().__init__()
-        self.sample_rate = sample_rate
+        self.sample_rate = output.sample_rate
         self._send = send
-        self._chunk_s = chunk_s
-        self._lead_s = lead_s
-        self._frame = frame or (lambda pcm, _rate: pcm.astype("<i2").tobytes())
+        self._chunk_s = output.chunk_s
+        self._lead_s = output.lead_s
+        self._wav = output.container == "wav"
         self._clock_start: float | None = None
         self._clock_sent = 0
         self._last_pump = time.monotonic()
@@ -129,7 +113,7 @@ class PacedPcmSink(PlayheadSink):
             pcm = self.playhead.take(min(chunk, allowed), pad=False)
             if pcm.size == 0:
                 break
-            self._send(self._frame(pcm, rate))
+            self._send(wav_bytes(pcm, rate) if self._wav else pcm.astype("<i2").tobytes())
             self._clock_sent += pcm.size
             allowed -= pcm.size
 
@@ -153,13 +137,7 @@ class WebSocketPeer:
         self.output = output
         self.sink: PacedPcmSink | None = None
         if output is not None:
-            self.sink = PacedPcmSink(
-                self._outbox.put_nowait,
-                output.sample_rate,
-                chunk_s=output.chunk_s,
-                lead_s=output.lead_s,
-                frame=wav_bytes if output.container == "wav" else None,
-            )
+            self.sink = PacedPcmSink(self._outbox.put_nowait, output)
         self.conversation = make_conversation(self.sink, self._send_event)
         self._executor = executor
         self.connected = asyncio.Event()
