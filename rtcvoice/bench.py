@@ -10,18 +10,21 @@ TTS and the end-of-turn wait is its overhead.
 With ``--concurrency 1,2,4`` the same questions run on N simultaneous calls per level; the
 capacity is the largest N whose p95 voice-to-voice stays within 1.5x the single-call p95 with no
 audio underruns (late frames on the paced track, or gaps inside a reply).
+
+With ``--nodes 1,2,3`` (and ``--workers 1,2``) each configuration gets servers of its own and a
+sweep of its own, each node held to ``--node-cpus`` and the caller to ``--caller-cpus``
+(bench_nodes.py, bench_cpu.py); the summary gives the capacity ratios between them.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
-import socket
-import subprocess
+import signal
 import sys
-import tempfile
 import time
 import urllib.request
 from dataclasses import asdict, dataclass, field
@@ -30,6 +33,21 @@ from typing import Any
 import numpy as np
 
 from .audio import Int16Audio, float_to_int16
+from .bench_cpu import PERIOD_US, CpuGroup, CpuShares
+from .bench_nodes import (
+    CALLER_LIMIT,
+    CallerUse,
+    Cluster,
+    NodeUse,
+    Probe,
+    Sampler,
+    caller_use,
+    node_use,
+    pop_workers,
+    start_cluster,
+    summarize,
+    summary_text,
+)
 from .client import VoiceCallClient
 
 QUESTIONS = [
@@ -84,6 +102,8 @@ class Level:
     rss_mb: float | None
     late_frames: int
     failed_calls: int = 0
+    nodes: list[NodeUse] = field(default_factory=list)  # what each node did (read from its status)
+    caller: CallerUse | None = None  # the bench's own CPU, against its share
 
     def values(self, column: str) -> list[float]:
         return [v for t in self.turns if (v := t.ms.get(column)) is not None]
@@ -165,38 +185,43 @@ def _status(server: str) -> dict[str, Any]:
         return data
 
 
-async def run_level(server: str, questions: list[tuple[str, Int16Audio, int]], concurrency: int) -> Level:
-    before = await asyncio.to_thread(_status, server)
-    started = time.monotonic()
-    results = await asyncio.gather(
-        *(
-            run_call(server, questions, concurrency=concurrency, index=i, delay=(i * 0.37) % 2.0)
-            for i in range(concurrency)
-        ),
-        return_exceptions=True,
-    )
-    wall = time.monotonic() - started
-    after = await asyncio.to_thread(_status, server)
+async def run_level(
+    server: str,
+    questions: list[tuple[str, Int16Audio, int]],
+    concurrency: int,
+    *,
+    probes: list[Probe] | None = None,
+    caller_group: CpuGroup | None = None,
+    caller_cpus: float | None = None,
+) -> Level:
+    """N calls through ``server``; every node in ``probes`` (default: that server) is read meanwhile."""
+    async with Sampler(probes or [Probe(server, None, None)], caller_group) as sampler:
+        started = time.monotonic()
+        results = await asyncio.gather(
+            *(
+                run_call(server, questions, concurrency=concurrency, index=i, delay=(i * 0.37) % 2.0)
+                for i in range(concurrency)
+            ),
+            return_exceptions=True,
+        )
+        wall = time.monotonic() - started
     turns = [t for r in results if isinstance(r, list) for t in r]
     failed = [r for r in results if isinstance(r, BaseException)]
     for exc in failed:
         print(f"bench: a call failed at concurrency {concurrency}: {exc!r}", file=sys.stderr)
+    nodes = node_use(sampler, concurrency)
+    machine = float(len(os.sched_getaffinity(0))) if hasattr(os, "sched_getaffinity") else 1.0
     return Level(
         concurrency=concurrency,
         turns=turns,
         wall_s=round(wall, 1),
-        cpu_s_per_call=_cpu_per_call(before, after, concurrency),
-        rss_mb=after.get("process", {}).get("rss_mb"),
-        late_frames=int(after.get("late_frames", 0)) - int(before.get("late_frames", 0)),
+        cpu_s_per_call=round(sum(n.cpu_s for n in nodes) / concurrency, 2) if nodes else None,
+        rss_mb=round(sum(n.rss_mb for n in nodes), 1) if nodes else None,
+        late_frames=sum(n.late_frames for n in nodes),
         failed_calls=len(failed),
+        nodes=nodes,
+        caller=caller_use(sampler, concurrency, caller_cpus or machine),
     )
-
-
-def _cpu_per_call(before: dict[str, Any], after: dict[str, Any], calls: int) -> float | None:
-    """Server CPU seconds per call, when the server reports its process stats (older ones do not)."""
-    if "process" not in before or "process" not in after:
-        return None
-    return round((float(after["process"]["cpu_s"]) - float(before["process"]["cpu_s"])) / calls, 2)
 
 
 def capacity(levels: list[Level]) -> int:
@@ -220,6 +245,30 @@ def capacity(levels: list[Level]) -> int:
     return best
 
 
+def knee(levels: list[Level]) -> Level | None:
+    """The first level over the latency budget (or with gaps), where capacity ends; None if none was."""
+    ordered = sorted(levels, key=lambda lv: lv.concurrency)
+    cap = capacity(ordered)
+    return next((lv for lv in ordered if lv.concurrency > cap), None)
+
+
+def validity(levels: list[Level]) -> tuple[bool, str]:
+    """A run is valid when the caller kept up at every level up to the knee (scale.md §4.3)."""
+    last = knee(levels)
+    limit = last.concurrency if last is not None else max((lv.concurrency for lv in levels), default=0)
+    starved = [
+        lv for lv in levels if lv.concurrency <= limit and lv.caller is not None and not lv.caller.valid
+    ]
+    if starved:
+        worst = max(starved, key=lambda lv: lv.caller.busy_of_share or 0.0 if lv.caller else 0.0)
+        use = worst.caller.busy_of_share if worst.caller else None
+        return False, (
+            f"invalid: the caller used {use:.0%} of its share at {worst.concurrency} calls "
+            f"(limit {CALLER_LIMIT:.0%}): the figure may be about the caller, not the server"
+        )
+    return True, f"valid: the caller stayed under {CALLER_LIMIT:.0%} of its share up to the knee"
+
+
 def table(levels: list[Level]) -> str:
     lines = []
     head = f"{'N':>3} {'stage':<22}{'p50 ms':>10}{'p95 ms':>10}"
@@ -234,7 +283,31 @@ def table(levels: list[Level]) -> str:
             lines.append(
                 f"{level.concurrency:>3} {column:<22}{_fmt(level.pct(column, 50)):>10}{_fmt(level.pct(column, 95)):>10}"
             )
+        lines.extend(_use_lines(level))
     return "\n".join(lines)
+
+
+def _use_lines(level: Level) -> list[str]:
+    lines = []
+    for n in level.nodes:
+        share = f" = {_pct(n.busy_of_share)} of {n.cpus:g}" if n.cpus else ""
+        throttled = f", throttled in {_pct(n.throttled)} of periods" if n.throttled is not None else ""
+        lines.append(
+            f"    node {n.node}: peak {n.calls_peak} calls, {n.call_s} call-s, {n.cpu_s_per_call_s} CPU-s per "
+            f"call-s, busy {n.busy_cpus} CPU{share}{throttled}, late frames {n.late_frames}"
+        )
+    c = level.caller
+    if c is not None:
+        throttled = f", throttled in {_pct(c.throttled)} of periods" if c.throttled is not None else ""
+        lines.append(
+            f"    caller: busy {c.busy_cpus} CPU = {_pct(c.busy_of_share)} of {c.cpus:g}{throttled}, its loop "
+            f"waited for a core {_pct(c.loop_wait)} of the time: {'ok' if c.valid else 'STARVED'}"
+        )
+    return lines
+
+
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{v:.0%}"
 
 
 def _fmt(v: float | None) -> str:
@@ -242,10 +315,15 @@ def _fmt(v: float | None) -> str:
 
 
 def report(levels: list[Level], settings: dict[str, Any]) -> dict[str, Any]:
+    valid, why = validity(levels)
+    last = knee(levels)
     return {
         "settings": settings,
         "capacity": capacity(levels),
         "capacity_rule": f"p95 voice-to-voice within {CAPACITY_FACTOR}x the single-call p95, no underruns",
+        "knee": last.concurrency if last is not None else None,
+        "valid": valid,
+        "validity": why,
         "levels": [
             {
                 "concurrency": lv.concurrency,
@@ -258,6 +336,8 @@ def report(levels: list[Level], settings: dict[str, Any]) -> dict[str, Any]:
                 "underruns": lv.underruns,
                 "p50_ms": {c: lv.pct(c, 50) for c in COLUMNS},
                 "p95_ms": {c: lv.pct(c, 95) for c in COLUMNS},
+                "nodes": [asdict(n) for n in lv.nodes],
+                "caller": asdict(lv.caller) if lv.caller is not None else None,
                 "per_turn": [asdict(t) for t in lv.turns],
             }
             for lv in levels
@@ -294,50 +374,6 @@ def plot(level: Level, path: str) -> None:
     plt.close(fig)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def start_server(serve_args: list[str]) -> tuple[subprocess.Popen[bytes], str]:
-    port = _free_port()
-    if not any(a.startswith("--db-path") for a in serve_args):
-        # The benchmark's calls are not worth keeping: their threads go to a throwaway database.
-        serve_args = [
-            *serve_args,
-            "--db-path",
-            os.path.join(tempfile.mkdtemp(prefix="rtcvoice-bench-"), "bench.db"),
-        ]
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "rtcvoice",
-            "serve",
-            "--port",
-            str(port),
-            "--log-level",
-            "WARNING",
-            *serve_args,
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=None,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"rtcvoice bench: the server exited with {proc.returncode}")
-        try:
-            _status(url)
-            return proc, url
-        except OSError:
-            time.sleep(0.3)
-    proc.terminate()
-    raise SystemExit("rtcvoice bench: the server did not start within 180 s")
-
-
 def _read_text(path: str) -> str:
     with open(path, encoding="utf-8") as f:
         return f.read()
@@ -363,9 +399,64 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--serve-arg", action="append", default=[], help="extra flag for the self-started server (repeatable)"
     )
+    p.add_argument(
+        "--nodes",
+        default="1",
+        help="rtcvoice serve processes sharing a file:// registry and one SQLite file; every call enters "
+        "through the first. A list (1,2,3) sweeps each in turn and reports the capacity ratios",
+    )
+    p.add_argument(
+        "--workers",
+        help="serve --workers for each node; a list (1,2) compares them (default: a --serve-arg "
+        "--workers, else 1)",
+    )
+    p.add_argument(
+        "--node-cpus",
+        type=float,
+        help="CPU share of each node (0.4): a cgroup quota as root, else whole cores by affinity, else none",
+    )
+    p.add_argument(
+        "--caller-cpus",
+        type=float,
+        help="CPU share of the caller (this process, whose aiortc peers are the calls); default: unlimited, "
+        "counted against what the nodes leave of the machine",
+    )
+    p.add_argument(
+        "--cpu-period-ms",
+        type=float,
+        default=PERIOD_US / 1000,
+        help="cgroup quota period: a share is enforced per period, and a node that spends its quota early "
+        "stalls until the next one",
+    )
+    p.add_argument(
+        "--repeat", type=int, default=1, help="run each configuration this many times, interleaved (medians)"
+    )
+    p.add_argument(
+        "--until-knee", action="store_true", help="end a sweep at the first level over the latency budget"
+    )
+    p.add_argument(
+        "--summarize",
+        nargs="+",
+        metavar="JSON",
+        help="only print the capacity table and ratios of these reports (from --json), then exit",
+    )
+
+
+def _counts(raw: str, flag: str) -> list[int]:
+    try:
+        counts = [int(n) for n in raw.split(",") if n.strip()]
+    except ValueError:
+        counts = []
+    if not counts or min(counts) < 1:
+        raise SystemExit(f"rtcvoice bench: {flag} {raw!r} must be numbers of 1 or more, e.g. 1,2,3")
+    return list(dict.fromkeys(counts))
 
 
 async def run(args: argparse.Namespace) -> int:
+    if args.summarize:
+        reports = [json.loads(await asyncio.to_thread(_read_text, path)) for path in args.summarize]
+        print(summary_text(summarize([r for rep in reports for r in rep.get("runs", [rep])])))
+        return 0
     texts = QUESTIONS
     if args.questions:
         texts = [
@@ -375,31 +466,139 @@ async def run(args: argparse.Namespace) -> int:
     serve_args = list(args.serve_arg)
     if args.instant:
         serve_args += ["--agent", "echo", "--tts", "tone"]
-    proc = None
+    serve_args, serve_workers = pop_workers(serve_args)
+    nodes = _counts(args.nodes, "--nodes")
+    workers = _counts(args.workers, "--workers") if args.workers else [serve_workers or 1]
+    configs = [(n, w) for n in nodes for w in workers]
+    if args.server and configs != [(1, 1)]:
+        raise SystemExit("rtcvoice bench: --nodes and --workers start servers of their own; drop --server")
+    # SIGTERM ends the bench like Ctrl-C: the nodes are stopped and the cgroups removed.
+    main = asyncio.current_task()
+    terminated: list[bool] = []
+    if main is not None:
+
+        def on_term() -> None:
+            terminated.append(True)
+            main.cancel()
+
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, on_term)
+    shares = CpuShares.detect(bool(args.node_cpus or args.caller_cpus), round(args.cpu_period_ms * 1000))
+    if args.node_cpus or args.caller_cpus:
+        print(f"bench: CPU shares: {shares.method} ({shares.reason})", flush=True)
+    try:
+        hold = shares.place(os.getpid(), "caller", args.caller_cpus) if args.caller_cpus else None
+        questions = (await asyncio.to_thread(synthesize_questions, texts)) * max(1, args.runs)
+        runs: list[tuple[dict[str, Any], list[Level]]] = []
+        for repeat in range(max(1, args.repeat)):
+            for n, w in configs:
+                if len(configs) > 1 or args.repeat > 1:
+                    print(f"== nodes {n}, workers {w}, repeat {repeat + 1} ==", flush=True)
+                runs.append(await _sweep(args, serve_args, questions, levels_wanted, n, w, shares, hold))
+    except asyncio.CancelledError:
+        if not terminated:
+            raise  # Ctrl-C: asyncio.run reports it as KeyboardInterrupt
+        print("rtcvoice bench: stopped (SIGTERM); nodes stopped, CPU groups removed", file=sys.stderr)
+        return 143
+    finally:
+        shares.close()
+    if len(runs) == 1:
+        result = runs[0][0]
+    else:
+        reports = [r for r, _ in runs]
+        result = {
+            "capacity_rule": reports[0]["capacity_rule"],
+            "runs": reports,
+            "summary": summarize(reports),
+        }
+        print(summary_text(result["summary"]))
+    if args.json_path == "-":
+        print(json.dumps(result, indent=1))
+    elif args.json_path:
+        await asyncio.to_thread(_write_text, args.json_path, json.dumps(result, indent=1))
+    first = runs[0][1]
+    if args.plot and first:
+        await asyncio.to_thread(plot, first[0], args.plot)
+        print(f"plot: {args.plot}")
+    return 0 if all(levels and all(lv.turns for lv in levels) for _, levels in runs) else 1
+
+
+async def _sweep(
+    args: argparse.Namespace,
+    serve_args: list[str],
+    questions: list[tuple[str, Int16Audio, int]],
+    levels_wanted: list[int],
+    nodes: int,
+    workers: int,
+    shares: CpuShares,
+    hold: CpuGroup | list[int] | None,
+) -> tuple[dict[str, Any], list[Level]]:
+    """One configuration: its own servers, a sweep of levels, its report."""
+    cluster: Cluster | None = None
     server = args.server
     if not server:
-        proc, server = await asyncio.to_thread(start_server, serve_args)
+        starting = asyncio.ensure_future(
+            asyncio.to_thread(
+                start_cluster,
+                serve_args,
+                nodes=nodes,
+                workers=workers,
+                node_cpus=args.node_cpus,
+                shares=shares,
+            )
+        )
+        try:
+            cluster = await asyncio.shield(starting)
+        except asyncio.CancelledError:
+            # Ctrl-C while the nodes load: the thread goes on starting them; stop what it started.
+            with contextlib.suppress(BaseException):
+                started = await starting
+                await asyncio.to_thread(started.stop)
+            raise
+        server = cluster.entry
     try:
-        questions = (await asyncio.to_thread(synthesize_questions, texts)) * max(1, args.runs)
         status = await asyncio.to_thread(_status, server)
-        levels = []
+        probes = cluster.probes() if cluster is not None else [Probe(server, None, None)]
+        held = sum(s.cpus or 0.0 for s in cluster.servers) if cluster is not None else 0.0
+        if isinstance(hold, CpuGroup):
+            caller_cpus = hold.cpus
+        elif isinstance(hold, list):
+            caller_cpus = float(len(hold))
+        else:  # unlimited: whatever the nodes' shares leave of the machine
+            caller_cpus = max(0.1, shares.machine_cpus - held) if held else shares.machine_cpus
+        levels: list[Level] = []
         for n in levels_wanted:
-            level = await run_level(server, questions, n)
+            level = await run_level(
+                server,
+                questions,
+                n,
+                probes=probes,
+                caller_group=hold if isinstance(hold, CpuGroup) else None,
+                caller_cpus=caller_cpus,
+            )
             levels.append(level)
             print(table([level]), flush=True)
-        result = report(
-            levels, {"server": server, "engines": status.get("engines"), "serve_args": serve_args}
+            if args.until_knee and knee(levels) is not None:
+                break
+        settings = {
+            "server": server,
+            "engines": status.get("engines"),
+            "serve_args": serve_args,
+            "nodes": nodes,
+            "workers": workers,
+            "node_cpus": cluster.servers[0].cpus if cluster is not None else None,
+            "caller_cpus": caller_cpus,
+            "caller_held": hold is not None,
+            "cpu_limit": {
+                "method": shares.method,
+                "reason": shares.reason,
+                "period_ms": shares.period_us / 1000,
+            },
+        }
+        result = report(levels, settings)
+        print(
+            f"capacity: {result['capacity']} simultaneous calls ({result['capacity_rule']}); {result['validity']}"
         )
-        print(f"capacity: {result['capacity']} simultaneous calls ({result['capacity_rule']})")
-        if args.json_path == "-":
-            print(json.dumps(result, indent=1))
-        elif args.json_path:
-            await asyncio.to_thread(_write_text, args.json_path, json.dumps(result, indent=1))
-        if args.plot and levels:
-            await asyncio.to_thread(plot, levels[0], args.plot)
-            print(f"plot: {args.plot}")
-        return 0 if levels and all(lv.turns for lv in levels) else 1
+        return result, levels
     finally:
-        if proc is not None:
-            proc.terminate()
-            await asyncio.to_thread(proc.wait, 30)
+        if cluster is not None:
+            await asyncio.to_thread(cluster.stop)

@@ -29,6 +29,8 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     Settings.add_arguments(serve)
+    # Set by the workers' parent on each worker: its own port for node-to-node requests.
+    serve.add_argument("--worker-port", type=int, default=0, help=argparse.SUPPRESS)
 
     call = sub.add_parser("call", help="call a server as a headless WebRTC peer, speaking a WAV file")
     call.add_argument("--wav", help="16-bit PCM WAV spoken as the microphone (any rate, mono or stereo)")
@@ -73,12 +75,35 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as exc:  # e.g. RTCVOICE_CREATE_UNKNOWN_THREADS=maybe
             print(f"rtcvoice: cannot start: {exc}", file=sys.stderr)
             return 2
-        _setup_logging(settings.log_level)
-        return asyncio.run(_serve(settings))
+        from .telemetry.logs import setup_logging
+
+        setup_logging(settings.log_level, settings.log_format, _node_name(settings))
+        try:
+            from .cluster.workers import worker_count
+
+            workers = worker_count(settings.workers)
+        except ValueError as exc:
+            print(f"rtcvoice: cannot start: {exc}", file=sys.stderr)
+            return 2
+        if workers > 1:
+            serve_argv = list(argv if argv is not None else sys.argv[1:])
+            serve_argv = serve_argv[serve_argv.index("serve") + 1 :]
+            return asyncio.run(_supervise(settings, serve_argv, workers))
+        return asyncio.run(_serve(settings, worker_port=args.worker_port))
     _setup_logging("WARNING")
     if not args.wav and not args.text:
         parser.error("call needs --wav and/or --text")
     return asyncio.run(_call(args))
+
+
+def _node_name(settings: Settings) -> str | None:
+    """The node id log lines carry (None while the settings are still invalid: the error says why)."""
+    from .server.nodes import node_identity
+
+    try:
+        return node_identity(settings)[0]
+    except ValueError:
+        return None
 
 
 def _setup_logging(level: str) -> None:
@@ -87,13 +112,65 @@ def _setup_logging(level: str) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-async def _serve(settings: Settings) -> int:
+async def _supervise(settings: Settings, serve_argv: list[str], workers: int) -> int:
+    from .cluster.workers import Supervisor, node_host_for
+    from .server.nodes import default_node_id, machine_address
+
+    across_machines = settings.cluster_url.strip().lower().startswith(("redis", "rediss", "unix"))
+    supervisor = Supervisor(
+        serve_argv,
+        count=workers,
+        node_id=settings.node_id.strip() or default_node_id(settings.port),
+        node_host=node_host_for(settings.host, settings.node_url.strip(), across_machines, machine_address()),
+        node_port=settings.node_port,
+        listen_host=settings.host,
+        cluster_url=settings.cluster_url.strip(),
+        node_cpus=settings.node_cpus,
+        extra_args=_worker_threads(settings, workers),
+    )
+    return await supervisor.run()
+
+
+def _worker_threads(settings: Settings, workers: int) -> tuple[str, ...]:
+    """Each worker's model threads, where the user left them at "all cores": its share of them,
+    so N workers do not run N × cores threads that only fight each other."""
+    from .cluster.load import available_cpus
+
+    share = str(max(1, int(available_cpus() / workers)))
+    args: tuple[str, ...] = ()
+    if settings.stt_threads == 0:
+        args += ("--stt-threads", share)
+    if settings.llm_threads == 0:
+        args += ("--llm-threads", share)
+    return args
+
+
+async def _preflight(settings: Settings) -> None:
+    """Reach the thread store and the cluster registry before minutes of model loading: a wrong
+    database_url or cluster_url is reported at once (StoreError, RegistryError)."""
+    from .cluster.backends import open_backend
+    from .store import create_store
+
+    store = create_store(settings)
+    await store.open()
+    await store.close()
+    if settings.cluster_url.strip():
+        backend = open_backend(settings.cluster_url)
+        try:
+            await backend.ping()
+        finally:
+            await backend.close()
+
+
+async def _serve(settings: Settings, *, worker_port: int = 0) -> int:
     from aiohttp import web
 
     from .engines import EngineError, load_engines
     from .engines.languages import check_language
     from .server import create_app
     from .server.cors import parse_origins
+    from .server.keys import NODE
+    from .server.nodes import RegistryError, check_node_url, drain, node_identity
     from .server.urls import check_public_url
     from .store import StoreError
 
@@ -101,7 +178,13 @@ async def _serve(settings: Settings) -> int:
         # Settings that cannot work stop the server before minutes of model loading.
         check_public_url(settings.public_url)
         parse_origins(settings.cors_origins)
+        node_identity(settings)
     except ValueError as exc:
+        print(f"rtcvoice: cannot start: {exc}", file=sys.stderr)
+        return 2
+    try:
+        await _preflight(settings)
+    except (StoreError, RegistryError) as exc:
         print(f"rtcvoice: cannot start: {exc}", file=sys.stderr)
         return 2
     try:
@@ -118,18 +201,29 @@ async def _serve(settings: Settings) -> int:
     app = create_app(settings, engines=engines)
     runner = web.AppRunner(app, access_log=None)
     try:
-        await runner.setup()  # opens the thread store
-    except StoreError as exc:
+        await runner.setup()  # opens the thread store, registers with the cluster
+    except (StoreError, RegistryError) as exc:
         await engines.aclose()
         print(f"rtcvoice: cannot start: {exc}", file=sys.stderr)
         return 2
+    # A worker shares the public port with its siblings and has a port of its own for them.
+    listen = [(settings.host, settings.port, worker_port > 0)]
+    if worker_port:
+        listen.append((settings.host, worker_port, False))
     try:
-        site = web.TCPSite(runner, settings.host, settings.port)
-        await site.start()
-    except OSError as exc:
+        for host, port, shared in listen:
+            await web.TCPSite(runner, host, port, reuse_port=shared or None).start()
+        await check_node_url(app[NODE])
+    except (OSError, ValueError) as exc:
         await runner.cleanup()
         await engines.aclose()
-        print(f"rtcvoice: cannot listen on {settings.host}:{settings.port}: {exc}", file=sys.stderr)
+        where = f"{settings.host}:{settings.port}"
+        print(
+            f"rtcvoice: cannot start: {exc}"
+            if isinstance(exc, ValueError)
+            else f"rtcvoice: cannot listen on {where}: {exc}",
+            file=sys.stderr,
+        )
         return 2
     log.info(
         "rtcvoice listening on http://%s:%d  (stt=%s agent=%s tts=%s)",
@@ -139,11 +233,22 @@ async def _serve(settings: Settings) -> int:
         engines.agent.name,
         engines.tts.name,
     )
-    stop = asyncio.Event()
+    stop, now = asyncio.Event(), asyncio.Event()
+
+    def on_term() -> None:  # drain; a second SIGTERM is the same as SIGINT
+        (now if stop.is_set() else stop).set()
+
+    def on_int() -> None:
+        stop.set()
+        now.set()
+
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGTERM, on_term)
+    loop.add_signal_handler(signal.SIGINT, on_int)
     await stop.wait()
+    if not now.is_set():
+        log.info("SIGTERM: draining (up to %.0f s; SIGINT ends every call now)", settings.drain_timeout_s)
+        await drain(app, settings.drain_timeout_s, now)
     log.info("shutting down: ending every call")
     await runner.cleanup()
     await engines.aclose()

@@ -90,6 +90,62 @@ class Settings:
         "default is 4). 0 decodes each packet as it arrives and drops late ones; each frame adds "
         "20 ms to every reply. Raise it on networks that reorder packets.",
     )
+    # -- nodes and clusters (README "Many nodes") ----------------------------------------------
+    workers: str = _opt(
+        "1",
+        "Node processes on this machine, all serving `port` (SO_REUSEPORT): a number, or auto (one "
+        "per core). With more than one, a request for a call another worker holds is passed to it.",
+    )
+    cluster_url: str = _opt(
+        "",
+        "Where nodes register and find each other's calls: redis://HOST:PORT/DB (many machines; needs "
+        "database_url, as SQLite cannot be shared between machines), or file:///DIR (nodes on one "
+        "machine; what workers use by default). Empty: this process alone.",
+    )
+    node_id: str = _opt("", "This node's name in the cluster (default: host name and port; workers add -wK).")
+    node_url: str = _opt(
+        "",
+        "URL other nodes reach this node's HTTP server at (http://10.0.0.5:8080). Default: http://HOST:PORT, "
+        "with this machine's address when host is 0.0.0.0. Checked at startup. With workers, each worker "
+        "listens on a port of its own for node-to-node requests: node_port + K, or a free one.",
+    )
+    node_port: int = _opt(
+        0,
+        "First port of the workers' own node-to-node listeners (worker K gets node_port + K); 0: free ports.",
+    )
+    node_cpus: float = _opt(
+        0.0,
+        "CPUs this node counts as its own for its load figure. 0: what its CPU affinity and cgroup quota "
+        "allow (each worker: its share of them).",
+    )
+    load_threshold: float = _opt(
+        0.75,
+        "CPU load (busy fraction of the CPUs this node may use) above which new calls go to a less loaded "
+        "node of the cluster, when there is one.",
+    )
+    pool_max_requests: int = _opt(
+        0,
+        "Requests in flight from this node to each OpenAI-compatible model server (agent, stt, tts = "
+        "openai); more wait for a free connection, up to the engine's timeout, so one node cannot take "
+        "a pool every node shares. 0: no cap beyond max_sessions.",
+    )
+    drain_timeout_s: float = _opt(
+        1800.0,
+        "On SIGTERM the node stops taking calls (readiness 503) and lets running calls finish for up to "
+        "this long, then ends them with session.ended reason 'drain' (clients reconnect elsewhere on the "
+        "same thread). SIGINT, or a second SIGTERM, ends every call at once.",
+    )
+    log_format: str = _opt(
+        "text",
+        "Log lines as text, or json (one object per line, with node, session and turn ids).",
+        choices=["text", "json"],
+    )
+    otel_endpoint: str = _opt(
+        "",
+        "OTLP/HTTP endpoint (http://collector:4318) for OpenTelemetry spans per turn (STT, agent, TTS); "
+        "needs the otel extra. Empty: no tracing.",
+        env="OTEL_EXPORTER_OTLP_ENDPOINT",
+    )
     # -- auth -----------------------------------------------------------------------------------
     auth_jwt_secret: str = _opt(
         "", "HS256 secret: when set, every API call needs a bearer JWT signed with it."
@@ -218,6 +274,11 @@ class Settings:
     tts_speed: float = _opt(1.0, "Speaking rate (1.0 normal).")
     tts_model: str = _opt("", "Model for tts=openai (default tts-1).")
     tts_base_url: str = _opt("", "Base URL for tts=openai / stt=openai (default: openai_base_url).")
+    stt_base_url: str = _opt(
+        "",
+        "Base URL for stt=openai when transcription is served apart from speech (vLLM Whisper beside a "
+        "TTS server). Default: tts_base_url, then openai_base_url.",
+    )
     edge_tts_url: str = _opt("", "Override the edge-tts WebSocket endpoint (for tests and proxies).")
     ws_output_sample_rate: int = _opt(
         16000,

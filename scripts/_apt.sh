@@ -55,3 +55,20 @@ ensure_coturn() {
     apt_install coturn
   fi
 }
+
+# redis-server for the cluster tests, which start their own throwaway Redis on a free port
+# (`redis-server --port N --save ''`): a packaged redis-server service, if any, is never used.
+ensure_redis() {
+  if ! command -v redis-server >/dev/null 2>&1; then
+    apt_install redis-server
+  fi
+}
+
+# HAProxy for tests/test_deploy.py (`haproxy -c` on deploy/haproxy/haproxy.cfg) and the cluster
+# tests, which run it in the foreground with a config of their own for local ports. Debian puts it
+# in /usr/sbin, which is not on a normal user's PATH.
+ensure_haproxy() {
+  if ! command -v haproxy >/dev/null 2>&1 && [ ! -x /usr/sbin/haproxy ]; then
+    apt_install haproxy
+  fi
+}

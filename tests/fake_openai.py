@@ -52,6 +52,9 @@ class FakeOpenAI:
         self._runner: web.AppRunner | None = None
         self._closing = asyncio.Event()
         self._counter = 0
+        # Requests being answered at once, and the most there ever were (a client's cap shows here).
+        self.in_flight = 0
+        self.max_in_flight = 0
 
     # -- lifecycle ------------------------------------------------------------------------------------
     async def start(self) -> FakeOpenAI:
@@ -89,6 +92,14 @@ class FakeOpenAI:
         return web.json_response({"object": "list", "data": [{"id": "fake-model", "object": "model"}]})
 
     async def _chat(self, request: web.Request) -> web.StreamResponse:
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            return await self._answer_chat(request)
+        finally:
+            self.in_flight -= 1
+
+    async def _answer_chat(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
         self.requests.append(body)
         self._counter += 1

@@ -77,6 +77,17 @@ async def test_openai_agent_streams_deltas_in_order_and_sends_system_and_history
     assert request["temperature"] == 0.3
 
 
+async def test_openai_agent_holds_its_requests_in_flight_to_the_pool_cap_and_queues_the_rest() -> None:
+    async with FakeOpenAI("One two three four five.", token_delay=0.05) as fake:
+        agent = create_agent(openai_settings(fake, pool_max_requests=2))
+        try:
+            replies = await asyncio.gather(*(collect(agent, timeout=20) for _ in range(5)))
+        finally:
+            await agent.aclose()
+    assert all("".join(r) == "One two three four five." for r in replies)  # queued, none refused
+    assert fake.max_in_flight == 2
+
+
 async def test_openai_agent_takes_the_sessions_model_and_sampling_and_reports_the_usage() -> None:
     async with FakeOpenAI("Six. Anything else?") as fake:
         agent = create_agent(openai_settings(fake, llm_max_tokens=42, llm_temperature=0.3))

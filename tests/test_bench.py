@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from rtcvoice.bench import COLUMNS, Level, Turn, capacity
+from rtcvoice.bench_nodes import summarize
 
 
 async def test_bench_reports_latency_per_stage_capacity_and_a_plot(tmp_path: Path) -> None:
@@ -72,3 +73,55 @@ def test_capacity_is_the_largest_level_within_budget_and_without_gaps() -> None:
     assert capacity([base, level(2, [900, 1200, 1300]), level(4, [1500, 1700, 2000])]) == 2
     assert capacity([base, level(2, [850, 860, 870], underruns=3)]) == 1
     assert capacity([base, level(2, [850]), level(4, [3000]), level(8, [850])]) == 2
+
+
+async def test_bench_across_nodes_reports_each_node_the_caller_and_the_ratios(tmp_path: Path) -> None:
+    """Two nodes sharing a registry, the calls entering through the first. The CPU shares are
+    cgroups where the machine has them (root, cgroup v1 or v2), else cores or nothing: the report
+    says which, and the run works either way."""
+    questions = tmp_path / "questions.txt"
+    questions.write_text("What is the capital of France?\n")
+    report = tmp_path / "nodes.json"
+    proc = await asyncio.to_thread(
+        subprocess.run,
+        [
+            sys.executable,
+            "-m",
+            "rtcvoice",
+            "bench",
+            "--instant",
+            "--questions",
+            str(questions),
+            "--nodes",
+            "2",
+            "--node-cpus",
+            "0.9",
+            "--caller-cpus",
+            "0.6",
+            "--concurrency",
+            "1",
+            "--json",
+            str(report),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "bench: CPU shares:" in proc.stdout and "caller: busy" in proc.stdout
+    data = json.loads(report.read_text())
+    settings = data["settings"]
+    assert settings["nodes"] == 2 and settings["workers"] == 1
+    assert settings["cpu_limit"]["method"] in ("cgroup-v1", "cgroup-v2", "affinity", "none")
+    single = data["levels"][0]
+    assert single["turns"] == 1 and single["per_turn"][0]["reply"].startswith("You said")
+    nodes = single["nodes"]
+    assert sorted(n["node"] for n in nodes) == ["bench-n1", "bench-n2"]
+    assert sum(n["calls_peak"] for n in nodes) == 1  # the one call is held by one node
+    held = next(n for n in nodes if n["calls_peak"] == 1)
+    assert held["call_s"] > 0 and held["cpu_s_per_call_s"] > 0
+    assert data["levels"][0]["caller"]["busy_cpus"] > 0 and isinstance(data["valid"], bool)
+    # The comparison works on reports, so runs made apart can be put together.
+    summary = summarize([data, {**data, "settings": {**settings, "nodes": 1}, "capacity": 1}])
+    assert [row["nodes"] for row in summary["configurations"]] == [1, 2]
+    assert list(summary["ratios"]) == ["nodes 2 / 1 (workers 1)"]

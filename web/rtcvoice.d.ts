@@ -286,7 +286,8 @@ export interface ConnectionEvent {
   sessionId: string | null;
   /**
    * "hangup" or "remote" (the server ended the call) when closed; the cause while reconnecting
-   * ("ice_failed", "ice_disconnected", or "socket_closed" for the WebSocket transport).
+   * ("ice_failed", "ice_disconnected", "socket_closed" for the WebSocket transport, or "server_drain":
+   * the server is shutting down for a deploy, and the call continues on the same thread elsewhere).
    */
   reason?: string;
   /** With reason "remote": the server's `session.ended` reason, when it said one. */

@@ -69,6 +69,9 @@ export class RtcVoiceError extends Error {
   }
 }
 
+// session.ended reasons after which the client starts again on the same thread (another node).
+const RECONNECT_REASONS = new Set(["drain"]);
+
 const MESSAGES = {
   webrtc_unavailable:
     "This browser can't make WebRTC calls. Please use a current version of Chrome, Edge, Firefox or Safari.",
@@ -1133,6 +1136,13 @@ export class VoiceCall extends Emitter {
   }
 
   _endedByServer() {
+    if (RECONNECT_REASONS.has(this._endedReason)) {
+      // The server is going away (a deploy): the same thread continues on another node.
+      const reason = this._endedReason;
+      this._endedReason = null;
+      this._transportLost(`server_${reason}`);
+      return;
+    }
     this._closed = true;
     this._teardown();
     this._setConnection("closed", { reason: "remote", serverReason: this._endedReason ?? undefined });

@@ -39,6 +39,7 @@ from ..engines.base import AgentContext, ChatMessage, EngineError, Engines, Prep
 from ..engines.languages import language_name
 from ..engines.vad import WINDOW, WINDOW_MS, VadStream
 from ..settings import Settings
+from ..telemetry.logs import turn_id_var
 from .chunker import SentenceChunker
 from .config import SessionConfig
 from .events import ClientEvent, EventError, parse_client_event
@@ -493,6 +494,7 @@ class Conversation:
         self._turn_task = task
 
     async def _run_turn(self, turn: Turn, work: Coroutine[Any, Any, None]) -> None:
+        turn_id_var.set(turn.id)  # log lines of this turn, and of the tasks it starts, name it
         try:
             await work
         except asyncio.CancelledError:

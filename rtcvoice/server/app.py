@@ -16,16 +16,19 @@ from .. import __version__
 from ..engines import Engines, load_engines
 from ..settings import Settings
 from ..store import create_store
+from ..transports.realtime import RealtimePeer
 from ..transports.webrtc import OfferError, RelayUnavailableError, WebRtcPeer
-from . import ai_service, ai_voice, audio_chat, chat, fallback
+from . import ai_service, ai_voice, audio_chat, chat, fallback, ops
 from .auth import Authenticator, auth_middleware, request_user
 from .bodies import json_body, optional_str
 from .callers import body_user, check_capacity
 from .calls import call_limits, prepare_call
 from .cors import cors_middleware, parse_origins
 from .errors import ApiError, json_errors
-from .keys import AUTH, ENGINES, ICE, REALTIME, SESSIONS, SETTINGS, STORE
+from .keys import AUTH, ENGINES, ICE, NODE, REALTIME, SESSIONS, SETTINGS, STORE
+from .nodes import cluster_ctx, create_node, watch_sessions
 from .options import call_options
+from .routing import close_relayed_sockets, cluster_routing, relay_client_ctx
 from .sessions import SessionRegistry, VoiceSession, session_for
 from .socket_io import attach_socketio, socketio_ctx
 from .threads import thread_for
@@ -56,6 +59,7 @@ def create_app(settings: Settings, *, engines: Engines | None = None) -> web.App
             internal_token=settings.internal_token,
             open_realtime_user_route=settings.realtime_open_user_route,
         ),
+        cluster_routing,  # innermost: a relayed request has been authenticated here and is again there
     ]
     if origins:
         middlewares.insert(0, cors_middleware(origins))  # outermost: errors get the headers too
@@ -64,9 +68,15 @@ def create_app(settings: Settings, *, engines: Engines | None = None) -> web.App
     app[AUTH] = auth
     app[ICE] = IceServers(settings)  # a bad STUN/TURN setting stops the server here, not mid-call
     app[REALTIME] = set()
+    app[NODE] = create_node(app)  # a bad cluster setting stops the server here
+    ops.install(app)  # metrics, readiness, tracing (a missing OpenTelemetry stops the server here)
     app.cleanup_ctx.append(_engines_ctx(engines))
     app.cleanup_ctx.append(_store_ctx)
+    app.cleanup_ctx.append(relay_client_ctx)
+    app.cleanup_ctx.append(cluster_ctx)  # leaves the registry after the calls below have ended
     app.cleanup_ctx.append(_sessions_ctx)
+    # Calls end when shutdown starts, before aiohttp waits (a minute) for open WebSocket handlers.
+    app.on_shutdown.append(_end_calls)
     app.cleanup_ctx.append(socketio_ctx)  # unwinds first: sockets close, then their sessions end
     app.add_routes(
         [
@@ -82,6 +92,7 @@ def create_app(settings: Settings, *, engines: Engines | None = None) -> web.App
             *ai_voice.routes(),
             *ai_service.routes(),
             *audio_chat.routes(),
+            *ops.routes(),  # /metrics, /readyz, /livez
         ]
     )
     attach_socketio(app, origins)
@@ -132,12 +143,23 @@ async def _sessions_ctx(app: web.Application) -> AsyncIterator[None]:
         connect_timeout_s=settings.ice_connect_timeout_s,
     )
     app[SESSIONS] = registry
+    watch_sessions(app)
     yield
     # Shutdown ends every call cleanly (and finishes writing its messages) before the store and
     # the engines it uses are closed: cleanup contexts unwind in reverse order.
-    await registry.close_all()
-    realtime = app[REALTIME]
-    await asyncio.gather(*(peer.close() for peer in tuple(realtime)))
+    await close_calls(app, "server_shutdown")
+
+
+async def _end_calls(app: web.Application) -> None:
+    if SESSIONS in app:
+        await close_calls(app, "server_shutdown")
+    await close_relayed_sockets(app)
+
+
+async def close_calls(app: web.Application, reason: str) -> None:
+    """End every call on this node: sessions of every transport, and the realtime sockets."""
+    realtime: set[RealtimePeer] = app[REALTIME]
+    await asyncio.gather(app[SESSIONS].close_all(reason), *(peer.close(reason) for peer in tuple(realtime)))
 
 
 # -- helpers ------------------------------------------------------------------------------------
@@ -169,6 +191,7 @@ async def status(request: web.Request) -> web.Response:
             "engines": {"stt": engines.stt.name, "agent": engines.agent.name, "tts": engines.tts.name},
             "process": process_stats(),
             "late_frames": request.app[SESSIONS].late_frames,
+            "node": request.app[NODE].status(),
         }
     )
 

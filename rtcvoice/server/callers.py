@@ -14,7 +14,14 @@ from .sessions import SessionRegistry
 
 
 def check_capacity(registry: SessionRegistry, settings: Settings, user: str | None) -> None:
-    """503 when the server is full, 429 when this user already holds their share of calls."""
+    """503 when the server is full or draining, 429 when this user already holds their share of calls."""
+    if not registry.accepting:
+        raise ApiError(
+            503,
+            "draining",
+            "This server is shutting down and takes no new calls; try again (another node takes it).",
+            {"Retry-After": "1"},
+        )
     if len(registry) >= registry.max_sessions:
         raise ApiError(
             503,

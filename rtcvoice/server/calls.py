@@ -9,7 +9,9 @@ from aiohttp import web
 
 from ..conversation import AudioSink, Conversation, ConversationFactory
 from ..settings import Settings
+from ..telemetry.logs import session_id_var
 from ..transports.limits import CallLimits
+from . import ops
 from .keys import ENGINES, SETTINGS, STORE
 from .options import CallOptions
 from .threads import ThreadRecorder, load_history
@@ -51,13 +53,16 @@ async def prepare_call(
 
     def make(sink: AudioSink | None, send: Callable[[dict[str, Any]], None]) -> Conversation:
         settings, engines = app[SETTINGS], app[ENGINES]
+        # Set in the transport's task before the Conversation exists: every task the call starts
+        # from here on (turns, replies, speech) copies this context, so its log lines name the call.
+        session_id_var.set(session_id)
         conversation = Conversation(
             session_id=session_id,
             settings=settings,
             engines=engines,
             vad=engines.vad.stream(),
             sink=sink,
-            send=send,
+            send=ops.observed(app, send, thread_id=thread_id),
             executor=engines.audio_executor,
             thread_id=thread_id,
             user_id=user_id,

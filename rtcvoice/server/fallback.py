@@ -25,7 +25,7 @@ from .bodies import json_body, optional_str
 from .callers import body_user
 from .calls import call_limits, prepare_call
 from .errors import ApiError
-from .keys import ENGINES, REALTIME, SESSIONS, SETTINGS, STORE
+from .keys import ENGINES, METRICS, REALTIME, SESSIONS, SETTINGS, STORE
 from .sessions import SessionRegistry, VoiceSession, session_for
 from .threads import ThreadRecorder, load_history, thread_for
 
@@ -112,12 +112,14 @@ async def realtime_ws(request: web.Request) -> web.StreamResponse:
         make_conversation=make,
         dialect=dialect,
     )
-    connections = request.app[REALTIME]
+    connections, metrics = request.app[REALTIME], request.app[METRICS]
     connections.add(peer)
+    metrics.call_started("realtime")
     try:
         await peer.run()
     finally:
         connections.discard(peer)
+        metrics.call_ended("websocket_closed")
         await recorder.aclose()
     return ws
 

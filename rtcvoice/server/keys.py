@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from ..cluster.node import ClusterNode
 from ..engines import Engines
 from ..settings import Settings
 from ..store import Store
+from ..telemetry.metrics import Metrics
 from ..transports.realtime import RealtimePeer
 from .auth import Authenticator
 from .sessions import SessionRegistry
@@ -19,3 +21,5 @@ ICE = web.AppKey("ice", IceServers)
 STORE = web.AppKey("store", Store)
 AUTH: web.AppKey[Authenticator | None] = web.AppKey("auth")
 REALTIME: web.AppKey[set[RealtimePeer]] = web.AppKey("realtime_connections")
+NODE = web.AppKey("node", ClusterNode)  # this node in its cluster (alone: a cluster of one)
+METRICS = web.AppKey("metrics", Metrics)  # this node's Prometheus metrics (server/ops.py)

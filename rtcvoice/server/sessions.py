@@ -7,7 +7,7 @@ import logging
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -54,6 +54,14 @@ class SessionRegistry:
         self._ended: OrderedDict[str, tuple[str | None, str]] = OrderedDict()
         self._watchers: dict[str, asyncio.Task[None]] = {}
         self._late_frames_closed = 0
+        self.accepting = True  # False while the node drains: no new calls
+        # Prefix of the ids this registry makes: in a cluster, the node's id, so any node can find
+        # a call's node from its id alone while the cluster registry is unreachable.
+        self.id_prefix = ""
+        # Told of every session opened and ended (the cluster registry, metrics); must not raise.
+        self.on_open: list[Callable[[VoiceSession], None]] = []
+        self.on_attach: list[Callable[[VoiceSession, Peer], None]] = []
+        self.on_close: list[Callable[[VoiceSession, str], None]] = []
 
     @property
     def late_frames(self) -> int:
@@ -89,18 +97,22 @@ class SessionRegistry:
         if session_id is not None and session_id in self._sessions:
             raise KeyError(session_id)
         session = VoiceSession(
-            id=session_id or uuid.uuid4().hex,
+            id=session_id or self.id_prefix + uuid.uuid4().hex,
             thread_id=thread_id,
             user_id=user_id,
             options=options or CallOptions(),
         )
         self._sessions[session.id] = session
         self._watch(session.id, self._expire_unoffered(session))
+        for listener in self.on_open:
+            listener(session)
         return session
 
     def attach(self, session: VoiceSession, peer: Peer, recorder: ThreadRecorder | None = None) -> None:
         session.peer = peer
         session.recorder = recorder
+        for listener in self.on_attach:
+            listener(session, peer)
         self._watch(session.id, self._expire_unconnected(session, peer))
 
     async def end(self, session_id: str, reason: str = "ended") -> bool:
@@ -120,11 +132,13 @@ class SessionRegistry:
             await session.peer.close(reason)
         if session.recorder is not None:
             await session.recorder.aclose()  # every message the call produced is written
+        for listener in self.on_close:
+            listener(session, reason)
         log.info("session %s closed (%s)", session_id, reason)
         return True
 
-    async def close_all(self) -> None:
-        await asyncio.gather(*(self.end(sid, "server_shutdown") for sid in list(self._sessions)))
+    async def close_all(self, reason: str = "server_shutdown") -> None:
+        await asyncio.gather(*(self.end(sid, reason) for sid in list(self._sessions)))
 
     def _watch(self, session_id: str, coro: Awaitable[None]) -> None:
         old = self._watchers.pop(session_id, None)

@@ -6,6 +6,7 @@ from urllib.parse import urlsplit
 
 from aiohttp import web
 
+from ..cluster.proxy import BASE_HEADER, HOP_HEADER
 from .keys import SETTINGS
 
 
@@ -17,6 +18,9 @@ def public_base(request: web.Request) -> str:
     configured = request.app[SETTINGS].public_url.strip().rstrip("/")
     if configured:
         return configured
+    relayed = request.headers.get(BASE_HEADER) if HOP_HEADER in request.headers else None
+    if relayed and not check_url(relayed):
+        return relayed.rstrip("/")  # the node the client reached relayed this request here
     return f"{request.scheme}://{request.host}"
 
 
@@ -28,12 +32,18 @@ def websocket_url(request: web.Request, path: str) -> str:
     return f"{scheme}://{base.netloc}{prefix}{path}"
 
 
+def check_url(url: str) -> str | None:
+    """Why ``url`` cannot be a base URL (http(s)://host[:port][/path]), or None if it can."""
+    parts = urlsplit(url.strip())
+    if parts.scheme not in ("http", "https") or not parts.netloc or parts.query or parts.fragment:
+        return "must be an http:// or https:// URL such as https://voice.example.com"
+    return None
+
+
 def check_public_url(url: str) -> None:
     """ValueError, with the fix, for a public_url that cannot be a base for clients' URLs."""
     if not url.strip():
         return
-    parts = urlsplit(url.strip())
-    if parts.scheme not in ("http", "https") or not parts.netloc or parts.query or parts.fragment:
-        raise ValueError(
-            f"public_url {url!r} must be an http:// or https:// URL such as https://voice.example.com"
-        )
+    problem = check_url(url)
+    if problem:
+        raise ValueError(f"public_url {url!r} {problem}")

@@ -48,7 +48,7 @@ from collections.abc import Callable
 from typing import Any, Literal
 
 import numpy as np
-from aiohttp import WSMsgType, web
+from aiohttp import WSCloseCode, WSMsgType, web
 
 from ..audio import STT_RATE, Int16Audio, resample_pcm
 from ..conversation import ConversationFactory
@@ -296,7 +296,8 @@ class RealtimePeer:
     async def _write_loop(self) -> None:
         await send_queued(self.ws, self._outbox)
 
-    async def close(self) -> None:
+    async def close(self, reason: str = "ended") -> None:
+        """Close once; ``reason`` drain closes with 1012 (service restart): reconnect elsewhere."""
         if self._closed:
             return
         self._closed = True
@@ -309,4 +310,7 @@ class RealtimePeer:
                 self._writer.cancel()
                 await asyncio.gather(self._writer, return_exceptions=True)
         if not self.ws.closed:
-            await self.ws.close()
+            if reason == "drain":
+                await self.ws.close(code=WSCloseCode.SERVICE_RESTART, message=b"drain")
+            else:
+                await self.ws.close()

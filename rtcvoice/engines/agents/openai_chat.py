@@ -11,6 +11,7 @@ from openai.types import CompletionUsage
 from openai.types.chat import ChatCompletionMessageParam
 
 from rtcvoice.engines.base import AgentContext, AgentError, ChatMessage
+from rtcvoice.engines.pool import pooled_http_client
 from rtcvoice.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,7 @@ class OpenAIChatAgent:
             # Someone is waiting on the line: a fast, explained error beats seconds of silent
             # retries with back-off, and the user can simply speak again.
             max_retries=0,
+            http_client=pooled_http_client(settings.pool_max_requests),
         )
 
     # Any model the endpoint serves may be asked for per session.

@@ -14,6 +14,7 @@ import openai
 
 from ...settings import Settings
 from ..base import FloatAudio, SttError
+from ..pool import pooled_http_client
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +38,7 @@ class OpenAITranscribeStt:
     languages = None  # whisper-1 and its kin are multilingual
 
     def __init__(self, settings: Settings, *, timeout_s: float = 30.0) -> None:
-        base_url = settings.tts_base_url or settings.openai_base_url
+        base_url = settings.stt_base_url or settings.tts_base_url or settings.openai_base_url
         if not base_url and not settings.openai_api_key:
             raise SttError(
                 "stt=openai needs OPENAI_API_KEY (for api.openai.com) or a base URL "
@@ -51,6 +52,7 @@ class OpenAITranscribeStt:
             api_key=settings.openai_api_key or "unused",
             timeout=timeout_s,
             max_retries=1,
+            http_client=pooled_http_client(settings.pool_max_requests),
         )
 
     async def transcribe(self, audio: FloatAudio, *, language: str = "en") -> str:

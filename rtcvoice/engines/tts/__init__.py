@@ -62,6 +62,7 @@ def create_tts(settings: Settings) -> TextToSpeech:
             api_key=settings.openai_api_key,
             model=settings.tts_model or DEFAULT_MODEL,
             default_voice=settings.tts_voice or OPENAI_VOICE,
+            max_requests=settings.pool_max_requests,
         )
         if base_url and _is_local(base_url):
             log.info("tts: openai-compatible speech at %s, voice %s", base_url, engine.default_voice)

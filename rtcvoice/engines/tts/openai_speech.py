@@ -13,6 +13,7 @@ import numpy as np
 import openai
 
 from ..base import FloatAudio, TtsError, Voice
+from ..pool import pooled_http_client
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,7 @@ class OpenAISpeechTts:
         model: str = DEFAULT_MODEL,
         default_voice: str = DEFAULT_VOICE,
         timeout_s: float = 30.0,
+        max_requests: int = 0,
     ) -> None:
         if not base_url and not api_key:
             raise TtsError(
@@ -68,6 +70,7 @@ class OpenAISpeechTts:
             timeout=timeout_s,
             # One retry: on a live call a late answer is barely better than none.
             max_retries=1,
+            http_client=pooled_http_client(max_requests),
         )
 
     def voices(self) -> list[Voice]:
