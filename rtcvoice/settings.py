@@ -133,7 +133,8 @@ class Settings:
         1800.0,
         "On SIGTERM the node stops taking calls (readiness 503) and lets running calls finish for up to "
         "this long, then ends them with session.ended reason 'drain' (clients reconnect elsewhere on the "
-        "same thread). SIGINT, or a second SIGTERM, ends every call at once.",
+        "same thread). A second SIGTERM ends them at once (reason drain); SIGINT ends every call at once "
+        "(reason server_shutdown).",
     )
     log_format: str = _opt(
         "text",

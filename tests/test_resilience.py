@@ -288,8 +288,25 @@ async def test_a_vanished_peer_is_dropped_within_the_timeout(start_server: Serve
 
 
 # -- shutdown ---------------------------------------------------------------------------------------
-async def test_sigterm_ends_every_call_cleanly_and_keeps_what_was_said(
-    tmp_path: Path, fake_openai: FakeOpenAI
+async def _until_draining(url: str) -> None:
+    async with aiohttp.ClientSession() as http:
+        for _ in range(100):
+            async with http.get(f"{url}/readyz") as resp:
+                if resp.status == 503 and (await resp.json())["status"] == "draining":
+                    return
+            await asyncio.sleep(0.1)
+    raise AssertionError("the server did not start draining")
+
+
+# SIGINT stops the server; a second SIGTERM cuts a drain short, and its callers are told "drain"
+# so they reconnect on their thread to another node.
+@pytest.mark.parametrize(
+    ("signals", "reason"),
+    [(("SIGINT",), "server_shutdown"), (("SIGTERM", "SIGTERM"), "drain")],
+    ids=["sigint", "second-sigterm"],
+)
+async def test_sigint_or_a_second_sigterm_ends_every_call_at_once_and_keeps_what_was_said(
+    tmp_path: Path, fake_openai: FakeOpenAI, signals: tuple[str, ...], reason: str
 ) -> None:
     db = tmp_path / "calls.db"
     fake_openai.reply = "This answer takes a long time to say, sentence after sentence. " * 6
@@ -302,7 +319,10 @@ async def test_sigterm_ends_every_call_cleanly_and_keeps_what_was_said(
         for client in clients:
             await client.wait_for(lambda e: e.get("type") == "state" and e["state"] == "speaking", 30)
         await asyncio.sleep(1.0)  # both are mid-reply
-        proc.send_signal(signal.SIGTERM)
+        for k, name in enumerate(signals):
+            if k:  # the first SIGTERM drains (the calls go on); the second ends them now
+                await _until_draining(url)
+            proc.send_signal(getattr(signal, name))
         rc = await asyncio.to_thread(proc.wait, 20)
         await asyncio.sleep(0.3)
     finally:
@@ -312,7 +332,7 @@ async def test_sigterm_ends_every_call_cleanly_and_keeps_what_was_said(
             proc.kill()
     assert rc == 0
     for client in clients:
-        assert client.of_type("session.ended")[0]["reason"] == "server_shutdown"
+        assert client.of_type("session.ended")[0]["reason"] == reason
         assert client.of_type("end_of_response")[0]["interrupted"] is True
     store = SqliteStore(str(db))
     await store.open()
