@@ -9,6 +9,7 @@ address, which is why mDNS hiding of local IPs is turned off. Screenshots go to 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import socket
@@ -30,6 +31,8 @@ from rtcvoice.audio import WEBRTC_RATE, resample_pcm, write_wav
 from rtcvoice.engines import Engines
 from rtcvoice.server import create_app
 from rtcvoice.server.app import SESSIONS
+from rtcvoice.server.keys import NODE
+from rtcvoice.server.nodes import drain
 
 CHROMIUM = os.environ.get("RTCVOICE_CHROMIUM", "/usr/bin/chromium")
 ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts" / "browser"
@@ -630,6 +633,70 @@ async def test_a_call_the_server_ends_is_shown_as_ended_not_reconnected(
         assert "reconnecting" not in await call.page.evaluate("window.seenStates")
         assert await call.microphone_released()
         assert await live_sessions(url) == 0
+
+
+@asynccontextmanager
+async def two_nodes(
+    shared_engines: Engines, tmp_path: Path
+) -> AsyncIterator[list[tuple[str, web.Application]]]:
+    """Nodes "a" and "b" on their own ports, finding each other through a registry folder."""
+    runners, nodes = [], []
+    try:
+        for name in ("a", "b"):
+            port = free_port()
+            url = f"http://127.0.0.1:{port}"
+            settings = BASE_SETTINGS.replace(
+                db_path=str(tmp_path / "threads.db"),
+                cluster_url=f"file://{tmp_path / 'registry'}",
+                node_id=name,
+                node_url=url,
+            )
+            app = create_app(settings, engines=dataclasses.replace(shared_engines, agent=echo_agent()))
+            runner = web.AppRunner(app)
+            await runner.setup()
+            runners.append(runner)
+            await web.TCPSite(runner, "127.0.0.1", port).start()
+            nodes.append((url, app))
+        await nodes[0][1][NODE].peers(fresh=True)
+        yield nodes
+    finally:
+        for runner in reversed(runners):
+            await runner.cleanup()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def test_a_call_on_a_draining_node_reconnects_on_its_thread_to_another_node(
+    pw: Playwright, shared_engines: Engines, tmp_path: Path, silence_wav: Path
+) -> None:
+    async with two_nodes(shared_engines, tmp_path) as nodes, chromium(pw, silence_wav) as context:
+        (url_a, app_a), (_, app_b) = nodes
+        call = await CallPage.open(context, url_a + "/")  # the page, and every request, go to node a
+        await call.record_states()
+        await call.page.click("#call")
+        await call.expect_state("listening")
+        first = await call.page.evaluate("window.rtcvoiceDemo.call.sessionId")
+        thread = await call.page.evaluate("window.rtcvoiceDemo.call.threadId")
+        assert app_a[SESSIONS].get(first) is not None
+
+        # A deploy: node a drains; its call outlives the drain timeout and ends with reason "drain".
+        await drain(app_a, 0.5, asyncio.Event())
+        await call.page.wait_for_function("window.seenStates.includes('reconnecting')", timeout=30_000)
+        await call.expect_state("listening", timeout=45_000)
+        second = await call.page.evaluate("window.rtcvoiceDemo.call.sessionId")
+        assert second != first and app_b[SESSIONS].get(second) is not None  # on node b now
+        assert await call.page.evaluate("window.rtcvoiceDemo.call.threadId") == thread
+
+        await call.page.fill("#text", "Still here?")
+        await call.page.click("#send")
+        await expect(call.page.locator(".entry.assistant.final .text"), str(call)).to_have_text(
+            "You said: Still here?", timeout=60_000
+        )
+        assert not call.page_errors, call.page_errors
 
 
 async def test_an_agent_failure_mid_call_is_explained_and_the_call_goes_on(
