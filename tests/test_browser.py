@@ -643,7 +643,7 @@ async def two_nodes(
     runners, nodes = [], []
     try:
         for name in ("a", "b"):
-            port = free_port()
+            port = closed_port()  # free now; the node listens on it below
             url = f"http://127.0.0.1:{port}"
             settings = BASE_SETTINGS.replace(
                 db_path=str(tmp_path / "threads.db"),
@@ -662,12 +662,6 @@ async def two_nodes(
     finally:
         for runner in reversed(runners):
             await runner.cleanup()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def test_a_call_on_a_draining_node_reconnects_on_its_thread_to_another_node(

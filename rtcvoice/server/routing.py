@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator
 import aiohttp
 from aiohttp import web
 
-from ..cluster.proxy import BASE_HEADER, HOP_HEADER, RelayError, relay_http, relay_websocket
+from ..cluster.proxy import HOP_HEADER, RelayError, relay_http, relay_websocket
 from ..cluster.records import Ended, Lost, NodeRecord, Owner
 from .ai_service import INTERNAL
 from .audio_chat import AUDIO_CHAT
@@ -154,7 +154,7 @@ async def _relay(
 ) -> web.StreamResponse:
     app = request.app
     node = app[NODE]
-    base = request.headers.get(BASE_HEADER) or public_base(request)
+    base = public_base(request)  # a client's own X-Rtcvoice-Public-Base is not taken: it is not relayed
     try:
         if _is_websocket(request):
             return await relay_websocket(
