@@ -19,7 +19,6 @@ import os
 import resource
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -32,6 +31,7 @@ from typing import Any
 import aiohttp
 
 from .bench_cpu import CpuGroup, CpuShares, Throttle
+from .cluster.workers import free_ports
 
 STATUS = "/api/v1/voice/status"
 SAMPLE_S = 0.5
@@ -84,25 +84,6 @@ class Cluster:
                 server.proc.kill()
                 server.proc.wait(10)
         shutil.rmtree(self.folder, ignore_errors=True)
-
-
-def free_ports(count: int) -> int:
-    """The first of ``count`` consecutive free ports (workers listen on node_port + K)."""
-    for _ in range(200):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            first = int(s.getsockname()[1])
-        if first + count > 65535:
-            continue
-        try:
-            with contextlib.ExitStack() as stack:
-                for port in range(first, first + count):
-                    sock = stack.enter_context(socket.socket())
-                    sock.bind(("127.0.0.1", port))
-            return first
-        except OSError:
-            continue
-    raise SystemExit("rtcvoice bench: no free ports")
 
 
 def pop_workers(serve_args: list[str]) -> tuple[list[str], int | None]:

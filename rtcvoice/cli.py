@@ -13,6 +13,7 @@ import time
 from typing import Any
 
 from .settings import Settings
+from .telemetry.logs import setup_logging
 
 log = logging.getLogger("rtcvoice")
 
@@ -65,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parser.parse_args(argv)
     if args.command == "bench":
-        _setup_logging("WARNING")
+        setup_logging("WARNING")
         from .bench import run as run_bench
 
         return asyncio.run(run_bench(args))
@@ -75,13 +76,13 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as exc:  # e.g. RTCVOICE_CREATE_UNKNOWN_THREADS=maybe
             print(f"rtcvoice: cannot start: {exc}", file=sys.stderr)
             return 2
-        from .telemetry.logs import setup_logging
-
         setup_logging(settings.log_level, settings.log_format, _node_name(settings))
         try:
             from .cluster.workers import worker_count
+            from .server.nodes import node_identity
 
             workers = worker_count(settings.workers)
+            node_identity(settings)  # before the models load (and once, not once per worker)
         except ValueError as exc:
             print(f"rtcvoice: cannot start: {exc}", file=sys.stderr)
             return 2
@@ -90,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
             serve_argv = serve_argv[serve_argv.index("serve") + 1 :]
             return asyncio.run(_supervise(settings, serve_argv, workers))
         return asyncio.run(_serve(settings, worker_port=args.worker_port))
-    _setup_logging("WARNING")
+    setup_logging("WARNING")
     if not args.wav and not args.text:
         parser.error("call needs --wav and/or --text")
     return asyncio.run(_call(args))
@@ -106,17 +107,13 @@ def _node_name(settings: Settings) -> str | None:
         return None
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for noisy in ("aioice", "aiortc", "faster_whisper", "httpx"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-
-
 async def _supervise(settings: Settings, serve_argv: list[str], workers: int) -> int:
+    from .cluster.backends import backend_kind
     from .cluster.workers import Supervisor, node_host_for
     from .server.nodes import default_node_id, machine_address
 
-    across_machines = settings.cluster_url.strip().lower().startswith(("redis", "rediss", "unix"))
+    cluster_url = settings.cluster_url.strip()
+    across_machines = bool(cluster_url) and backend_kind(cluster_url) == "redis"
     supervisor = Supervisor(
         serve_argv,
         count=workers,
@@ -124,7 +121,7 @@ async def _supervise(settings: Settings, serve_argv: list[str], workers: int) ->
         node_host=node_host_for(settings.host, settings.node_url.strip(), across_machines, machine_address()),
         node_port=settings.node_port,
         listen_host=settings.host,
-        cluster_url=settings.cluster_url.strip(),
+        cluster_url=cluster_url,
         node_cpus=settings.node_cpus,
         extra_args=_worker_threads(settings, workers),
     )
@@ -170,7 +167,7 @@ async def _serve(settings: Settings, *, worker_port: int = 0) -> int:
     from .server import create_app
     from .server.cors import parse_origins
     from .server.keys import NODE
-    from .server.nodes import RegistryError, check_node_url, drain, node_identity
+    from .server.nodes import RegistryError, check_node_url, drain
     from .server.urls import check_public_url
     from .store import StoreError
 
@@ -178,7 +175,6 @@ async def _serve(settings: Settings, *, worker_port: int = 0) -> int:
         # Settings that cannot work stop the server before minutes of model loading.
         check_public_url(settings.public_url)
         parse_origins(settings.cors_origins)
-        node_identity(settings)
     except ValueError as exc:
         print(f"rtcvoice: cannot start: {exc}", file=sys.stderr)
         return 2
@@ -235,7 +231,7 @@ async def _serve(settings: Settings, *, worker_port: int = 0) -> int:
     )
     stop, now = asyncio.Event(), asyncio.Event()
 
-    def on_term() -> None:  # drain; a second SIGTERM is the same as SIGINT
+    def on_term() -> None:  # drain; a second SIGTERM ends the drain at once
         (now if stop.is_set() else stop).set()
 
     def on_int() -> None:

@@ -19,7 +19,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -34,6 +33,8 @@ from fake_openai import FakeOpenAI
 from fake_speech_servers import FakeOpenAISpeech
 from redis.exceptions import RedisError
 
+from rtcvoice.cluster.workers import free_ports
+
 API = "/api/v1/voice"
 ROOT = Path(__file__).resolve().parent.parent
 SPOKEN_TRANSCRIPT = "what is the capital of france"  # what the pool's STT hears in any audio
@@ -43,25 +44,6 @@ T = TypeVar("T")
 
 
 # -- small helpers ----------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def free_port_pair() -> int:
-    """A port P with P + 1 free too (``--node-port P`` for two workers)."""
-    for _ in range(200):
-        first = free_port()
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", first + 1))
-            except OSError:
-                continue
-        return first
-    raise RuntimeError("no two consecutive free ports")
 
 
 def child_env() -> dict[str, str]:
@@ -255,7 +237,7 @@ class RedisServer:
 
     def __init__(self, workdir: Path) -> None:
         self.workdir = workdir
-        self.port = free_port()
+        self.port = free_ports()
         self.log = workdir / "redis.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -297,8 +279,8 @@ class HAProxy:
     def __init__(self, workdir: Path, servers: dict[str, int]) -> None:
         self.workdir = workdir
         self.servers = servers
-        self.port = free_port()
-        self.stats_port = free_port()
+        self.port = free_ports()
+        self.stats_port = free_ports()
         self.log = workdir / "haproxy.log"
         self.cfg = workdir / "haproxy.cfg"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -436,7 +418,7 @@ class Cluster:
         self.pool = pool
         self.redis = RedisServer(workdir)
         self.http = new_http()
-        self.nodes = [Node(f"n{k + 1}", free_port(), self.node_args(), workdir) for k in range(size)]
+        self.nodes = [Node(f"n{k + 1}", free_ports(), self.node_args(), workdir) for k in range(size)]
         self.lb = HAProxy(workdir, {n.id: n.port for n in self.nodes})
         self.registry = self.redis.client()
 

@@ -12,30 +12,18 @@ from rtcvoice.bench import COLUMNS, Level, Turn, capacity
 from rtcvoice.bench_nodes import summarize
 
 
-async def test_bench_reports_latency_per_stage_capacity_and_a_plot(tmp_path: Path) -> None:
+async def bench(tmp_path: Path, *args: str, timeout: float) -> subprocess.CompletedProcess[str]:
+    """``rtcvoice bench --instant`` asking one question, with ``args``, as its own process."""
     questions = tmp_path / "questions.txt"
     questions.write_text("What is the capital of France?\n")
+    command = [sys.executable, "-m", "rtcvoice", "bench", "--instant", "--questions", str(questions), *args]
+    return await asyncio.to_thread(subprocess.run, command, capture_output=True, text=True, timeout=timeout)
+
+
+async def test_bench_reports_latency_per_stage_capacity_and_a_plot(tmp_path: Path) -> None:
     report, plot = tmp_path / "bench.json", tmp_path / "bench.png"
-    proc = await asyncio.to_thread(
-        subprocess.run,
-        [
-            sys.executable,
-            "-m",
-            "rtcvoice",
-            "bench",
-            "--instant",
-            "--questions",
-            str(questions),
-            "--concurrency",
-            "1,2",
-            "--json",
-            str(report),
-            "--plot",
-            str(plot),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=240,
+    proc = await bench(
+        tmp_path, "--concurrency", "1,2", "--json", str(report), "--plot", str(plot), timeout=240
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "capacity:" in proc.stdout and "client_voice_to_voice" in proc.stdout
@@ -79,32 +67,11 @@ async def test_bench_across_nodes_reports_each_node_the_caller_and_the_ratios(tm
     """Two nodes sharing a registry, the calls entering through the first. The CPU shares are
     cgroups where the machine has them (root, cgroup v1 or v2), else cores or nothing: the report
     says which, and the run works either way."""
-    questions = tmp_path / "questions.txt"
-    questions.write_text("What is the capital of France?\n")
     report = tmp_path / "nodes.json"
-    proc = await asyncio.to_thread(
-        subprocess.run,
-        [
-            sys.executable,
-            "-m",
-            "rtcvoice",
-            "bench",
-            "--instant",
-            "--questions",
-            str(questions),
-            "--nodes",
-            "2",
-            "--node-cpus",
-            "0.9",
-            "--caller-cpus",
-            "0.6",
-            "--concurrency",
-            "1",
-            "--json",
-            str(report),
-        ],
-        capture_output=True,
-        text=True,
+    proc = await bench(
+        tmp_path,
+        *("--nodes", "2", "--node-cpus", "0.9", "--caller-cpus", "0.6"),
+        *("--concurrency", "1", "--json", str(report)),
         timeout=180,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr

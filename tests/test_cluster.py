@@ -35,8 +35,6 @@ from cluster_support import (
     SPOKEN_TRANSCRIPT,
     Cluster,
     ModelPool,
-    free_port,
-    free_port_pair,
     get_json,
     new_http,
     post_json,
@@ -49,6 +47,7 @@ from pg import PostgresCluster
 from speech import speak
 
 from rtcvoice.client import VoiceCallClient
+from rtcvoice.cluster.workers import free_ports
 from rtcvoice.engines import load_engines
 from rtcvoice.server import create_app
 from rtcvoice.server.keys import SESSIONS
@@ -325,7 +324,7 @@ async def test_ending_a_call_that_just_ended_on_its_node_is_done_not_session_los
     """web/rtcvoice.js closes its peer, then posts session/end: the node has ended the call (peer
     closed) but the registry still names it as the owner until the end is written. In-process, with
     the slower folder registry, so that moment is always there."""
-    port = free_port()
+    port = free_ports()
     settings = Settings.from_env(
         {},
         **pool.settings(),
@@ -596,7 +595,7 @@ def alive(pid: int) -> bool:
 async def test_workers_share_one_port_hold_calls_each_and_stop_on_sigterm(
     pool: ModelPool, tmp_path: Path
 ) -> None:
-    port, node_port = free_port(), free_port_pair()
+    port, node_port = free_ports(), free_ports(2)
     log = tmp_path / "workers.log"
     argv = [sys.executable, "-m", "rtcvoice", "serve", "--workers", "2", "--host", "127.0.0.1"]
     argv += ["--port", str(port), "--node-port", str(node_port), "--node-id", "box"]
@@ -687,7 +686,7 @@ async def serve_fails(args: list[str]) -> tuple[int, str, float]:
         "--host",
         "127.0.0.1",
         "--port",
-        str(free_port()),
+        str(free_ports()),
         "--log-level",
         "WARNING",
         *args,
@@ -710,8 +709,8 @@ async def test_cluster_settings_that_cannot_work_stop_the_node_at_startup_with_t
     cluster: Cluster, tmp_path: Path
 ) -> None:
     models = cluster.pool.node_args()
-    dead_redis = f"redis://127.0.0.1:{free_port()}/0"
-    stray = f"http://127.0.0.1:{free_port()}"
+    dead_redis = f"redis://127.0.0.1:{free_ports()}/0"
+    stray = f"http://127.0.0.1:{free_ports()}"
     probe_db = 7  # the misaddressed node registers here, away from the shared cluster's nodes
     (no_redis, no_database, bad_url) = await asyncio.gather(
         serve_fails(["--cluster-url", dead_redis, "--database-url", cluster.database_url, *models]),

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import socket
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ from aiohttp.test_utils import TestClient
 from conftest import BASE_SETTINGS
 
 from rtcvoice.cluster.proxy import HOP_HEADER
+from rtcvoice.cluster.workers import free_ports
 from rtcvoice.engines import Engines
 from rtcvoice.engines.agents.echo import EchoAgent
 from rtcvoice.server import create_app
@@ -29,12 +29,6 @@ API = "/api/v1/voice"
 Node = Callable[..., Awaitable[TestClient[web.Request, web.Application]]]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture
 def start_node(
     aiohttp_client: Any, shared_engines: Engines, tmp_path: Path
@@ -43,7 +37,7 @@ def start_node(
     engines = dataclasses.replace(shared_engines, agent=EchoAgent())
 
     async def start(name: str, **overrides: Any) -> TestClient[web.Request, web.Application]:
-        port = free_port()
+        port = free_ports()
         settings = BASE_SETTINGS.replace(
             **{
                 "db_path": str(tmp_path / "threads.db"),  # one SQLite file: nodes on one machine
@@ -136,7 +130,6 @@ async def test_a_realtime_socket_opened_on_a_draining_node_runs_on_another(start
     leaving = await start_node("leaving")
     staying = await start_node("staying")
     await leaving.app[NODE].drain()
-    leaving.app[SESSIONS].accepting = False
     async with leaving.ws_connect("/api/v1/streaming/realtime?dialect=flat") as ws:
         assert (await ws.receive_json(timeout=10))["type"] == "session.update"  # the socket's greeting
         await ws.send_json({"type": "ping", "id": 7})
@@ -174,7 +167,6 @@ async def test_a_relayed_request_is_answered_where_it_lands_never_relayed_again(
 async def test_a_draining_node_refuses_calls_when_no_other_node_can_take_them(start_node: Node) -> None:
     alone = await start_node("alone")
     await alone.app[NODE].drain()
-    alone.app[SESSIONS].accepting = False
     async with alone.post(f"{API}/session/start", json={}) as resp:
         assert resp.status == 503
         assert (await resp.json())["error"]["code"] == "draining"

@@ -35,6 +35,9 @@ from .records import (
 log = logging.getLogger(__name__)
 
 ENDED_TTL_S = 600.0  # how long another node can still answer "already ended" for a session
+# A live session's owner, refreshed every few heartbeats: a dead node's calls answer 410 (owner
+# gone) for up to this long, then nothing is known of them.
+SESSION_TTL_S = 120.0
 ENDED_REMEMBERED = 4096  # sessions this node ended, kept for ``lookup`` (see there)
 
 
@@ -308,16 +311,11 @@ class ClusterNode:
         live = {k: v for k, v in batch.items() if k in self._sessions}
         ended = {k: v for k, v in batch.items() if k not in self._sessions}
         try:
-            await self.backend.put_sessions(live, self.session_ttl_s)
+            await self.backend.put_sessions(live, SESSION_TTL_S)
             await self.backend.put_sessions(ended, ENDED_TTL_S)
         except BaseException:
             self._pending = {**batch, **self._pending}  # written again next time
             raise
-
-    @property
-    def session_ttl_s(self) -> float:
-        # Refreshed every heartbeat: a dead node's sessions answer 410 (owner gone) for two minutes.
-        return 120.0
 
     async def _heartbeat(self) -> None:
         assert self.backend is not None
@@ -329,7 +327,7 @@ class ClusterNode:
             self._wake.clear()
             try:
                 async with asyncio.timeout(self.heartbeat_s * 2):
-                    if time.monotonic() - refreshed > self.session_ttl_s / 4 or not self.registry_ok:
+                    if time.monotonic() - refreshed > SESSION_TTL_S / 4 or not self.registry_ok:
                         # Every live session again: after a registry restart they would be missing.
                         self._pending = {**self._sessions, **self._pending}
                         refreshed = time.monotonic()

@@ -56,10 +56,22 @@ def worker_count(raw: str) -> int:
     return count
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+def free_ports(count: int = 1, host: str = "127.0.0.1") -> int:
+    """The first of ``count`` consecutive ports free on ``host`` now (worker K listens on P + K)."""
+    for _ in range(200):
+        with socket.socket() as s:
+            s.bind((host, 0))
+            first = int(s.getsockname()[1])
+        if first + count > 65535:
+            continue
+        try:
+            with contextlib.ExitStack() as stack:
+                for port in range(first + 1, first + count):
+                    stack.enter_context(socket.socket()).bind((host, port))
+            return first
+        except OSError:
+            continue
+    raise RuntimeError(f"no {count} consecutive free ports on {host or 'any address'}")
 
 
 @dataclass
@@ -99,7 +111,9 @@ class Supervisor:
         bind = "127.0.0.1" if listen_host in ("", "localhost") else listen_host
         self.workers = []
         for k in range(count):
-            port = node_port + k if node_port else free_port(bind if bind not in ("0.0.0.0", "::") else "")
+            port = (
+                node_port + k if node_port else free_ports(1, bind if bind not in ("0.0.0.0", "::") else "")
+            )
             host = f"[{node_host}]" if ":" in node_host else node_host
             self.workers.append(Worker(k, f"{node_id}-w{k}", f"http://{host}:{port}", port))
         self._stopping = False

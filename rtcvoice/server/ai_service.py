@@ -44,7 +44,7 @@ async def internal_session_start(request: web.Request) -> web.Response:
     if registry.get(session_id) is not None:
         raise ApiError(409, "session_exists", f"Session {session_id!r} is already open; end it first.")
     user = body_user(request, body)
-    check_capacity(registry, settings, user)
+    check_capacity(app, user)
     options = call_options(app[ENGINES], body)
     thread_id = optional_str(body, "thread_id", 200)
     thread = (

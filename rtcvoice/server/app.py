@@ -77,7 +77,7 @@ def create_app(settings: Settings, *, engines: Engines | None = None) -> web.App
     app.cleanup_ctx.append(_sessions_ctx)
     # Calls end when shutdown starts, before aiohttp waits (a minute) for open WebSocket handlers.
     app.on_shutdown.append(_end_calls)
-    app.cleanup_ctx.append(socketio_ctx)  # unwinds first: sockets close, then their sessions end
+    app.cleanup_ctx.append(socketio_ctx)  # unwinds first: the sockets close, then the registry
     app.add_routes(
         [
             web.get(f"{API}/status", status),
@@ -145,8 +145,9 @@ async def _sessions_ctx(app: web.Application) -> AsyncIterator[None]:
     app[SESSIONS] = registry
     watch_sessions(app)
     yield
-    # Shutdown ends every call cleanly (and finishes writing its messages) before the store and
-    # the engines it uses are closed: cleanup contexts unwind in reverse order.
+    # on_shutdown (_end_calls) has ended the calls; this ends any that a socket still open then
+    # (Socket.IO) started since, before the store and engines they use close (cleanup contexts
+    # unwind in reverse order).
     await close_calls(app, "server_shutdown")
 
 
@@ -214,7 +215,7 @@ async def session_start(request: web.Request) -> web.Response:
     app = request.app
     registry, settings = app[SESSIONS], app[SETTINGS]
     user = body_user(request, body)
-    check_capacity(registry, settings, user)
+    check_capacity(app, user)
     options = call_options(app[ENGINES], body)
     thread_id = optional_str(body, "thread_id", 200) or optional_str(body, "threadId", 200)
     thread = await thread_for(app[STORE], thread_id, user, create_unknown=settings.create_unknown_threads)

@@ -35,7 +35,7 @@ async def audio_chat_ws(request: web.Request) -> web.StreamResponse:
     user = request_user(request)
     if user is None:
         user = request.query.get("user_id") or None  # unauthenticated mode: the app may name its user
-    check_capacity(registry, settings, user)
+    check_capacity(app, user)
     ws = web.WebSocketResponse(heartbeat=HEARTBEAT_S, max_msg_size=256 * 1024)
     if not ws.can_prepare(request).ok:
         raise ApiError(400, "websocket_required", "Connect with a WebSocket (Upgrade: websocket).")

@@ -6,16 +6,16 @@ from typing import Any
 
 from aiohttp import web
 
-from ..settings import Settings
 from .auth import request_user
 from .bodies import optional_str
 from .errors import ApiError
-from .sessions import SessionRegistry
+from .keys import NODE, SESSIONS, SETTINGS
 
 
-def check_capacity(registry: SessionRegistry, settings: Settings, user: str | None) -> None:
+def check_capacity(app: web.Application, user: str | None) -> None:
     """503 when the server is full or draining, 429 when this user already holds their share of calls."""
-    if not registry.accepting:
+    registry, settings = app[SESSIONS], app[SETTINGS]
+    if not app[NODE].serving:
         raise ApiError(
             503,
             "draining",

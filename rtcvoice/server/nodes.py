@@ -150,8 +150,7 @@ async def drain(app: web.Application, timeout_s: float, stop_now: asyncio.Event)
     from .app import close_calls
     from .routing import close_relayed_sockets, relayed_sockets
 
-    node, registry = app[NODE], app[SESSIONS]
-    registry.accepting = False
+    node = app[NODE]
     await node.drain()
     deadline = time.monotonic() + timeout_s
     stopped = asyncio.ensure_future(stop_now.wait())

@@ -54,7 +54,6 @@ class SessionRegistry:
         self._ended: OrderedDict[str, tuple[str | None, str]] = OrderedDict()
         self._watchers: dict[str, asyncio.Task[None]] = {}
         self._late_frames_closed = 0
-        self.accepting = True  # False while the node drains: no new calls
         # Prefix of the ids this registry makes: in a cluster, the node's id, so any node can find
         # a call's node from its id alone while the cluster registry is unreachable.
         self.id_prefix = ""

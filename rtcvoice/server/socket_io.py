@@ -154,7 +154,7 @@ async def _start(
     named = body.get("userId", body.get("user_id"))
     if user is None and isinstance(named, str | int) and not isinstance(named, bool) and str(named):
         user = str(named)[:200]  # unauthenticated mode: the app names its user
-    check_capacity(registry, settings, user)
+    check_capacity(app, user)
     chat_id = body.get("chatId", body.get("chat_id"))
     if chat_id is not None and (not isinstance(chat_id, str | int) or isinstance(chat_id, bool)):
         raise ApiError(400, "invalid_field", "'chatId' must be a string.")
