@@ -440,6 +440,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="JSON",
         help="only print the capacity table and ratios of these reports (from --json), then exit",
     )
+    p.add_argument(
+        "--turn-taking",
+        action="store_true",
+        help="play the turn-taking corpus (pauses inside unfinished sentences, finished statements and "
+        "questions, false interruptions) into real calls: cut-off rate, end-of-turn delay, voice-to-voice",
+    )
+    p.add_argument(
+        "--long-call",
+        type=int,
+        metavar="TURNS",
+        help="one call of TURNS turns with uncapped replies: how the first-token time grows with the history",
+    )
 
 
 def _counts(raw: str, flag: str) -> list[int]:
@@ -457,6 +469,14 @@ async def run(args: argparse.Namespace) -> int:
         reports = [json.loads(await asyncio.to_thread(_read_text, path)) for path in args.summarize]
         print(summary_text(summarize([r for rep in reports for r in rep.get("runs", [rep])])))
         return 0
+    if args.turn_taking:
+        from .bench_turns import run_turn_taking
+
+        return await run_turn_taking(args)
+    if args.long_call:
+        from .bench_long import run_long_call
+
+        return await run_long_call(args)
     texts = QUESTIONS
     if args.questions:
         texts = [

@@ -33,14 +33,27 @@ def main(argv: list[str] | None = None) -> int:
     # Set by the workers' parent on each worker: its own port for node-to-node requests.
     serve.add_argument("--worker-port", type=int, default=0, help=argparse.SUPPRESS)
 
-    call = sub.add_parser("call", help="call a server as a headless WebRTC peer, speaking a WAV file")
+    call = sub.add_parser(
+        "call",
+        help="call a server as a headless WebRTC peer, speaking a WAV file",
+        description="Plays the whole WAV in real time as the microphone (any number of turns, pauses "
+        "and interruptions), then waits for the replies to everything the server heard, sends --text "
+        "and waits for its reply, and hangs up. Prints the server's events, then a summary with each "
+        "turn's transcript and reply.",
+    )
     call.add_argument("--wav", help="16-bit PCM WAV spoken as the microphone (any rate, mono or stereo)")
     call.add_argument("--text", help="send this as a text_message instead of (or after) speaking")
     call.add_argument("--server", default="http://127.0.0.1:8080", help="server base URL")
     call.add_argument("--out", help="save the AI's audio (48 kHz mono WAV) here")
     call.add_argument("--token", help="bearer token for servers with auth on")
     call.add_argument("--voice", help="ask for this voice")
-    call.add_argument("--timeout", type=float, default=90.0, help="give up after this many seconds")
+    call.add_argument(
+        "--timeout",
+        type=float,
+        default=90.0,
+        help="give up (exit 1) if the replies have not all ended this many seconds after the WAV "
+        "has been played (the WAV's own length never counts)",
+    )
     call.add_argument("--quiet", action="store_true", help="print only the summary")
     call.add_argument(
         "--relay-only",
@@ -276,27 +289,33 @@ async def _call(args: argparse.Namespace) -> int:
         turn_transport=args.turn_transport,
     )
     session: dict[str, Any] = {"voice": args.voice} if args.voice else {}
-    deadline = time.monotonic() + args.timeout
     ok = False
     try:
         await client.connect(session=session)
-        turns = 0
         if pcm is not None:
             client.play(pcm, rate)
-            turns += 1
-            await client.wait_count("end_of_response", turns, deadline - time.monotonic())
+            # Paced in real time; the slack is for a sender that starts late, not for replies.
+            await client.wait_played(timeout=pcm.shape[0] / rate + 30)
+        # One budget for every reply, from the moment the caller has said everything.
+        deadline = time.monotonic() + args.timeout
+        if pcm is not None:
+            # Every turn the WAV started must end (client.TurnLedger has the rule), then the text.
+            await client.wait_answered(deadline - time.monotonic())
         if args.text:
             client.send({"type": "text_message", "content": args.text})
-            turns += 1
-            await client.wait_count("end_of_response", turns, deadline - time.monotonic())
-        await asyncio.sleep(0.5)  # the last frames are still in flight when end_of_response arrives
+            await client.wait_answered(deadline - time.monotonic())
         ok = True
     except CallError as exc:
         print(f"rtcvoice call: {exc}", file=sys.stderr)
     except aiohttp.ClientError as exc:
         print(f"rtcvoice call: cannot reach {args.server}: {exc}", file=sys.stderr)
     except TimeoutError:
-        print(f"rtcvoice call: no reply within {args.timeout:.0f} s", file=sys.stderr)
+        after = "the WAV had been played" if pcm is not None else "the message was sent"
+        print(
+            f"rtcvoice call: gave up {args.timeout:g} s after {after}, with {client.turns.outstanding()}; "
+            "a longer --timeout waits longer",
+            file=sys.stderr,
+        )
     finally:
         with contextlib.suppress(Exception):
             await client.close()
@@ -312,6 +331,8 @@ def _print_summary(client: Any) -> None:
     replies = [e.get("text") for e in client.of_type("end_of_response")]
     summary["you_said"] = finals
     summary["ai_said"] = replies
+    # Each turn's transcript and reply, in the order the server opened them; interrupted marked.
+    summary["turns"] = client.turns.summary()
     pair = getattr(client, "candidate_pair", None)
     if pair is not None:
         summary["ice"] = {"local": pair.local_type, "remote": pair.remote_type}
@@ -321,7 +342,8 @@ def _print_summary(client: Any) -> None:
     if metrics:
         summary["server_metrics_ms"] = metrics
     if client.speech_ends:
-        heard = client.received.first_sound_after(client.speech_ends[0])
+        # From the end of the WAV's last speech: the last turn's voice-to-voice.
+        heard = client.received.first_sound_after(client.speech_ends[-1])
         if heard is not None:
-            summary["client_voice_to_voice_ms"] = round((heard - client.speech_ends[0]) * 1000, 1)
+            summary["client_voice_to_voice_ms"] = round((heard - client.speech_ends[-1]) * 1000, 1)
     print(json.dumps(summary), flush=True)

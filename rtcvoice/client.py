@@ -3,7 +3,8 @@
 Used by ``rtcvoice call``, the tests and the benchmarks. It sends its "microphone" on a paced
 track (speech, then silence, exactly as a quiet person would), records everything the server
 sends back with arrival times, and measures voice-to-voice at the client: from the moment the
-last speech sample left to the first audible sample that came back.
+last speech sample left to the first audible sample that came back. Its :class:`TurnLedger` follows
+which turns the server opened and closed, so a caller knows when everything it said was answered.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import contextlib
 import json
 import logging
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,6 +40,13 @@ log = logging.getLogger(__name__)
 
 SPEECH_DBFS = -45.0  # quieter than this is treated as silence when timing speech
 API = "/api/v1/voice"
+# How long the call must be quiet (no event) before :meth:`VoiceCallClient.wait_answered` calls
+# it answered: the speech at the very end of a WAV reaches the server's VAD and comes back as
+# ``speech_started`` within a few hundred ms, and the reply's last frames trail its
+# ``end_of_response`` by the jitter buffer.
+QUIET_S = 1.0
+# Errors without a turn id that answer a text_message: the server refused it, so no turn follows.
+TEXT_REFUSALS = frozenset({"invalid_event", "message_too_large", "invalid_json"})
 
 
 class CallError(RuntimeError):
@@ -71,6 +80,132 @@ class ReceivedAudio:
     def between(self, t0: float, t1: float) -> Int16Audio:
         parts = [c for c, at in zip(self.chunks, self.times, strict=True) if t0 <= at < t1]
         return np.concatenate(parts) if parts else np.zeros(0, np.int16)
+
+
+@dataclass
+class CallTurn:
+    """One turn of a call as the caller saw it, from the server's events."""
+
+    turn_id: str
+    spoken: bool  # the caller spoke it (it began with speech_stopped); else a typed message
+    user_text: str | None = None  # the final transcript, or what was typed
+    reply: str | None = None  # what the AI said, as far as it got (from end_of_response)
+    ended: bool = False  # end_of_response came, interrupted or not
+    interrupted: bool = False
+    empty: bool = False  # noise: the transcript was empty, so nothing is answered
+    error: str | None = None  # the code of the last error the server gave for it
+    continues: str | None = None  # the earlier turn this one was joined to
+    continued_by: str | None = None  # the later turn that took over this one's speech
+
+    @property
+    def settled(self) -> bool:
+        """Whether the server is done with this turn and will say nothing more about it."""
+        if self.ended or self.empty or self.continued_by is not None:
+            return True
+        # A spoken turn whose transcription failed ends with the error: nothing was heard to answer.
+        return self.spoken and self.error is not None and self.user_text is None
+
+    def as_summary(self) -> dict[str, Any]:
+        row: dict[str, Any] = {"turn_id": self.turn_id, "you_said": self.user_text, "ai_said": self.reply}
+        row["interrupted"] = self.interrupted
+        if self.continues is not None:
+            row["continues"] = self.continues
+        if self.error is not None:
+            row["error"] = self.error
+        if not self.settled:
+            row["unanswered"] = True
+        return row
+
+
+class TurnLedger:
+    """Which turns the server has opened and closed, from its events.
+
+    The rule for "the server has answered everything" (:attr:`settled`), counted by turn ids the
+    server names, never by pairing one ``speech_started`` with one ``end_of_response``: a turn
+    may be interrupted, joined to the speech after it (``final_transcript`` with ``continues``),
+    paused and resumed (``playback_paused``/``playback_resumed``), or be noise that gets no reply.
+
+    * ``speech_stopped`` opens a spoken turn (its ``turn_id``); a typed message opens a turn that
+      the server names first in another event (``ai_text``, ``error``, ``end_of_response``).
+    * A turn is closed by its ``end_of_response`` (interrupted or not); by an empty
+      ``final_transcript`` (noise: no reply comes); by a later turn's ``continues`` naming it (the
+      later turn answers its speech, and must close in turn); or, for a spoken turn, by an
+      ``error`` before any transcript (transcription failed: there is nothing to answer).
+    * Speech is pending from ``speech_started`` until ``speech_stopped``, or ``playback_resumed``
+      (the server took the sound for noise and went on with its reply).
+    * A typed message is pending until a turn the caller did not speak opens, or until an
+      ``error`` without a turn id refuses it.
+
+    Settled: no turn open, no speech pending, no typed message pending. Quiet (no event for a
+    while) is the caller's to add: see :meth:`VoiceCallClient.wait_answered`.
+    """
+
+    def __init__(self) -> None:
+        self.turns: dict[str, CallTurn] = {}  # in the order the server opened them
+        self.hearing = False
+        self.ended_reason: str | None = None  # from session.ended: the server hung up
+        self._typed: deque[str] = deque()
+
+    def typed(self, content: str) -> None:
+        self._typed.append(content)
+
+    def feed(self, event: dict[str, Any]) -> None:
+        kind = event.get("type")
+        if kind == "speech_started":
+            self.hearing = True
+        elif kind in ("speech_stopped", "playback_resumed"):
+            self.hearing = False
+        elif kind == "session.ended":
+            self.ended_reason = str(event.get("reason") or "ended")
+        turn_id = event.get("turn_id")
+        if not isinstance(turn_id, str):
+            if kind == "error" and self._typed and event.get("code") in TEXT_REFUSALS:
+                self._typed.popleft()
+            return
+        turn = self.turns.get(turn_id)
+        if turn is None:
+            turn = self._open(turn_id, spoken=kind in ("speech_stopped", "final_transcript"))
+        if kind == "final_transcript":
+            turn.user_text = str(event.get("text") or "")
+            turn.empty = bool(event.get("empty")) or not turn.user_text.strip()
+            earlier = event.get("continues")
+            if isinstance(earlier, str):
+                turn.continues = earlier
+                self._open(earlier, spoken=True).continued_by = turn_id
+        elif kind == "end_of_response":
+            turn.ended = True
+            turn.interrupted = bool(event.get("interrupted"))
+            turn.reply = str(event.get("text") or "")
+        elif kind == "error":
+            turn.error = str(event.get("code") or "error")
+
+    def _open(self, turn_id: str, *, spoken: bool) -> CallTurn:
+        turn = self.turns.get(turn_id)
+        if turn is None:
+            turn = self.turns[turn_id] = CallTurn(turn_id, spoken)
+            if not spoken and self._typed:
+                turn.user_text = self._typed.popleft()  # the server answers typed messages in order
+        return turn
+
+    @property
+    def settled(self) -> bool:
+        return not self.hearing and not self._typed and all(t.settled for t in self.turns.values())
+
+    def outstanding(self) -> str:
+        """What the server has not finished, in words (for a message when the caller gives up)."""
+        parts = []
+        open_turns = [t.turn_id for t in self.turns.values() if not t.settled]
+        if open_turns:
+            parts.append(f"{len(open_turns)} turn(s) unanswered ({', '.join(open_turns)})")
+        if self.hearing:
+            parts.append("speech still being heard (speech_started, no speech_stopped yet)")
+        if self._typed:
+            parts.append(f"{len(self._typed)} typed message(s) unanswered")
+        return ", ".join(parts) or "events still coming"
+
+    def summary(self) -> list[dict[str, Any]]:
+        """Each turn in order, with its transcript and reply; noise that got no reply is left out."""
+        return [t.as_summary() for t in self.turns.values() if not t.empty]
 
 
 @dataclass(frozen=True)
@@ -117,6 +252,8 @@ class VoiceCallClient:
         self.received = ReceivedAudio()
         self.events: list[tuple[float, dict[str, Any]]] = []
         self.speech_ends: list[float] = []  # when the last speech sample of each played clip left
+        self.turns = TurnLedger()
+        self.lost: str | None = None  # why the call went away under us, if it did
         self._event_cond = asyncio.Condition()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._http: aiohttp.ClientSession | None = None
@@ -165,6 +302,8 @@ class VoiceCallClient:
         def _state() -> None:
             if pc.connectionState == "failed":
                 failed.set()
+            if pc.connectionState in ("failed", "closed") and self._channel_open.is_set():
+                self._lose(f"the connection was lost ({pc.connectionState})")
 
         sender = pc.addTrack(self.mic)
         if self.jitter_frames is not None:
@@ -242,6 +381,9 @@ class VoiceCallClient:
             return
         async with self._event_cond:
             self.events.append((time.monotonic(), event))
+            self.turns.feed(event)
+            if event.get("type") == "session.ended":
+                self.lost = self.lost or f"the server ended the call ({self.turns.ended_reason})"
             self._event_cond.notify_all()
         if self.on_event is not None:
             self.on_event(event)
@@ -260,7 +402,54 @@ class VoiceCallClient:
 
         self._spawn(mark())
 
+    async def wait_played(self, timeout: float | None = None) -> None:
+        """Until everything :meth:`play` queued has been sent: the mic is paced, so real time.
+
+        CallError if the call goes away first, or if it is not sent within ``timeout``.
+        """
+        played = self.mic.wait_played(self.mic.written)
+        lost: asyncio.Future[Any] = asyncio.ensure_future(self._until_lost())
+        try:
+            await asyncio.wait([played, lost], timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            lost.cancel()
+        if self.lost is not None:
+            raise CallError(self.lost)
+        if not played.done():
+            played.cancel()
+            raise CallError(f"the microphone's audio was not all sent within {timeout:.0f} s")
+
+    async def _until_lost(self) -> None:
+        async with self._event_cond:
+            await self._event_cond.wait_for(lambda: self.lost is not None)
+
+    async def wait_answered(self, timeout: float, *, quiet_s: float = QUIET_S) -> None:
+        """Until the server has answered everything it heard or was sent, and then ``quiet_s``
+        passed without an event (counted from this call too, so call it once the WAV has been
+        played: speech at its very end is heard by then). See :class:`TurnLedger` for the rule.
+
+        TimeoutError after ``timeout`` (``self.turns.outstanding()`` says what is missing);
+        CallError if the call goes away with turns still open.
+        """
+        since = time.monotonic()
+        async with asyncio.timeout(timeout), self._event_cond:
+            while True:
+                if not self.turns.settled:
+                    if self.lost is not None:
+                        raise CallError(self.lost)
+                    await self._event_cond.wait()
+                    continue
+                last = max(since, self.events[-1][0]) if self.events else since
+                left = last + quiet_s - time.monotonic()
+                if left <= 0 or self.lost is not None:
+                    return
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(left):
+                        await self._event_cond.wait()
+
     def send(self, event: dict[str, Any]) -> None:
+        if event.get("type") == "text_message" and isinstance(event.get("content"), str):
+            self.turns.typed(event["content"])
         self._channel.send(json.dumps(event))
 
     async def wait_for(
@@ -320,6 +509,17 @@ class VoiceCallClient:
         return None if pair is None else (pair.local_type, pair.remote_type)
 
     # -- closing ----------------------------------------------------------------------------------
+    def _lose(self, why: str) -> None:
+        if self._closed or self.lost is not None:
+            return
+        self.lost = why
+
+        async def wake() -> None:  # waiters re-check ``lost`` under the condition
+            async with self._event_cond:
+                self._event_cond.notify_all()
+
+        self._spawn(wake())
+
     def _spawn(self, coro: Any) -> None:
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)

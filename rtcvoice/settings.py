@@ -174,13 +174,52 @@ class Settings:
     # -- turn taking ----------------------------------------------------------------------------
     vad_threshold: float = _opt(0.5, "Silero speech probability above which a 32 ms window is speech.")
     end_of_turn_silence_ms: int = _opt(
-        500, "Silence after speech that ends the user's turn (ms). Shorter answers faster but cuts pauses."
+        500,
+        "turn_policy=silence or question: the silence after speech that ends the caller's turn (ms). "
+        "Shorter answers faster but cuts pauses.",
     )
     question_end_of_turn_ms: int = _opt(
         360,
         "Silence that ends a turn whose transcript, made during the silence, already reads as a "
         "finished question (it ends in '?'); other turns wait end_of_turn_silence_ms. 0 turns this off. "
         "bench/pauses.py: no question-shaped half sentence was followed by a pause this long.",
+    )
+    turn_policy: str = _opt(
+        "semantic",
+        "What ends the caller's turn. semantic: the silence needed depends on whether what was said "
+        "sounds finished (turn_models judge the transcript made during the silence, and the audio): "
+        "min_end_of_turn_ms after a finished sentence, up to max_end_of_turn_ms inside an unfinished one. "
+        "question: end_of_turn_silence_ms, or question_end_of_turn_ms after a question. silence: "
+        "end_of_turn_silence_ms always.",
+        choices=["semantic", "question", "silence"],
+    )
+    turn_models: str = _opt(
+        "words",
+        "For turn_policy=semantic, the end-of-turn models, comma-separated: words (the transcript's "
+        "trailing words and punctuation), smart-turn (the Smart Turn v3.2 audio model), llm (the embedded "
+        "SmolLM2's probability of ending its message; fewer cut-offs after clauses that look finished, "
+        "but a third of finished turns wait longer: bench/README.md).",
+    )
+    min_end_of_turn_ms: int = _opt(
+        320, "turn_policy=semantic: the silence that ends a turn whose words sound finished (ms)."
+    )
+    max_end_of_turn_ms: int = _opt(
+        1600,
+        "turn_policy=semantic: the silence that ends a turn whose words sound unfinished, a thinking "
+        "pause (ms). Also the longest any turn waits; a turn the models are unsure of waits halfway "
+        "between min_end_of_turn_ms and this.",
+    )
+    barge_in_ms: int = _opt(
+        640,
+        "Speech over the AI this long interrupts it. Shorter sounds (a cough, a click, 'okay') pause "
+        "the reply at once, which resumes where it stopped unless their words ask for the floor. 0: any "
+        "speech interrupts at once.",
+    )
+    rejoin_ms: int = _opt(
+        1500,
+        "Speech that starts this soon after the caller's turn ended (and before 0.6 s of the reply was "
+        "heard) continues that turn: the early reply is dropped (unheard if it had not started) and the "
+        "next reply answers the whole sentence.",
     )
     min_speech_ms: int = _opt(
         96, "Speech shorter than this (ms) is ignored: it neither starts a turn nor interrupts the AI."

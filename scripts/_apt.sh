@@ -72,3 +72,11 @@ ensure_haproxy() {
     apt_install haproxy
   fi
 }
+
+# espeak-ng voices for the turn-taking corpus (rtcvoice/turn_corpus.py): without it the corpus,
+# its tests and `rtcvoice bench --turn-taking` fall back to hibari's one voice.
+ensure_espeak() {
+  if ! command -v espeak-ng >/dev/null 2>&1; then
+    apt_install espeak-ng
+  fi
+}

@@ -105,7 +105,9 @@ async def test_barge_in_stops_the_reply_and_keeps_what_was_said(
         await client.wait_for(lambda e: e.get("type") == "state" and e["state"] == "speaking", 60)
         await asyncio.sleep(1.5)
         fake_openai.reply = "Sure, I will stop."
-        client.play(*speak("Stop, please wait.", lead_s=0.0))
+        # No comma: after "Stop," and its pause the turn could end (it sounds finished) and the
+        # next reply begin inside the window this test expects to be quiet.
+        client.play(*speak("Please stop talking now.", lead_s=0.0))
         first_end = await client.wait_count("end_of_response", 1, 30)
         interrupted_at = client.event_time(first_end)
         second_end = await client.wait_count("end_of_response", 2, 60)

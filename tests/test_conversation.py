@@ -40,6 +40,12 @@ class InstantSink:
     def flush(self) -> int:
         return self.written
 
+    def pause(self) -> None:
+        pass  # everything written was played already
+
+    def resume(self) -> None:
+        pass
+
     def wait_played(self, position: int) -> asyncio.Future[bool]:
         fut: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         fut.set_result(True)
@@ -232,7 +238,7 @@ class PacedSink(InstantSink):
 
 
 async def test_a_finished_question_ends_the_turn_sooner_than_a_statement(shared_engines: Engines) -> None:
-    conv, events, _sink = make(shared_engines, echo_agent())
+    conv, events, _sink = make(shared_engines, echo_agent(), turn_policy="question")
     try:
         await talk(
             conv,
@@ -251,7 +257,9 @@ async def test_a_finished_question_ends_the_turn_sooner_than_a_statement(shared_
 
 
 async def test_the_shorter_silence_for_questions_can_be_turned_off(shared_engines: Engines) -> None:
-    conv, events, _sink = make(shared_engines, echo_agent(), question_end_of_turn_ms=0)
+    conv, events, _sink = make(
+        shared_engines, echo_agent(), turn_policy="question", question_end_of_turn_ms=0
+    )
     try:
         await talk(conv, speak("How many legs does a spider have?", tail_s=1.0))
         await until(events, "end_of_response")
@@ -268,7 +276,9 @@ async def test_a_caller_who_goes_on_after_a_question_shaped_pause_is_answered_as
     # starts; the caller goes on, which interrupts it, and the next turn hears both halves.
     fake_openai.reply = "Sure, what would you like to know about it today?"
     fake_openai.token_delay = 0.02
-    conv, events, _sink = make(shared_engines, openai_agent(fake_openai), sink=PacedSink())
+    conv, events, _sink = make(
+        shared_engines, openai_agent(fake_openai), sink=PacedSink(), turn_policy="question"
+    )
     rest = "how long it takes to drive from Boston to New York?"
     try:
         await talk(conv, speak("Can you tell me?", tail_s=0.45), speak(rest, lead_s=0.0, tail_s=1.2))

@@ -145,7 +145,7 @@ async def test_hours_of_speech_are_cut_into_bounded_turns(shared_engines: Engine
     try:
         for i in range(0, endless.size, 3200):  # 10x faster than real time
             await conv.push_audio(endless[i : i + 3200])
-            biggest = max(biggest, conv._utterance_samples)
+            biggest = max(biggest, conv._utterance.samples)
             await asyncio.sleep(0.02)
     finally:
         await conv.aclose()

@@ -32,7 +32,7 @@ from playwright.async_api import Page, Playwright
 # pw and silence_wav are fixtures: imported here, pytest finds them for this module's tests.
 from test_browser import chromium, eventually, live_sessions, pw, silence_wav  # noqa: F401
 
-from rtcvoice.conversation.conversation import APOLOGY
+from rtcvoice.conversation.replies import APOLOGY
 
 SEEDS = Path(__file__).resolve().parent / "seeds"
 SEED = SEEDS / "000"

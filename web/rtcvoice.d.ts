@@ -94,10 +94,29 @@ export interface FinalTranscriptEvent extends ServerEventBase {
   /** True when the speech turned out to be noise: nothing is answered. */
   empty?: boolean;
   /**
-   * The turn this one completes: it ended early as a question, the caller went on speaking,
-   * its reply was interrupted, and this transcript holds both halves.
+   * The turn this one completes: it ended too early (the caller paused mid-sentence), the caller
+   * went on speaking within `rejoin_ms`, its reply was dropped, and this transcript holds both halves.
    */
   continues?: string;
+}
+
+/**
+ * The caller made a sound while the AI was thinking or speaking: its voice is held (silence plays)
+ * while the server judges whether the sound was meant to interrupt. `playback_resumed` or an
+ * interrupted `end_of_response` follows. On WebSocket transports up to the send lead (0.2 s) of
+ * audio already sent still plays.
+ */
+export interface PlaybackPausedEvent extends ServerEventBase {
+  type: "playback_paused";
+  turn_id: string;
+}
+
+/** The sound was a cough, a click or a backchannel ("mm-hmm"): the reply goes on where it stopped. */
+export interface PlaybackResumedEvent extends ServerEventBase {
+  type: "playback_resumed";
+  turn_id: string;
+  /** What the sound was transcribed as ("" for no words). */
+  heard: string;
 }
 
 /** A piece (delta) of the AI's reply, as the model streams it. */
@@ -145,10 +164,15 @@ export interface MetricsEvent extends ServerEventBase {
   /** The turn's work started during the end-of-turn silence, before the turn ended. */
   speculative?: boolean;
   /**
-   * The silence that ended the turn (ms): the configured end-of-turn silence, or the shorter one
-   * for a transcript that already ended in "?"; null when the client or a length limit ended it.
+   * The silence that ended the turn (ms), as the turn policy chose it from what was said (shorter
+   * after a finished sentence, longer inside an unfinished one); null when the client or a length
+   * limit ended it.
    */
   end_of_turn_silence?: number | null;
+  /** Why that silence: "finished", "unfinished", "unsure", "question", "silence" or "no_words". */
+  end_of_turn_reason?: string | null;
+  /** The end-of-turn models' P(the caller was done), for turn_policy=semantic. */
+  end_of_turn_probability?: number | null;
   /** Older servers: the transcript was started during the silence. */
   speculative_stt?: boolean;
 }
@@ -176,6 +200,8 @@ export type ServerEvent =
   | FinalTranscriptEvent
   | AiTextEvent
   | EndOfResponseEvent
+  | PlaybackPausedEvent
+  | PlaybackResumedEvent
   | MetricsEvent
   | ServerErrorEvent
   | PongEvent;
@@ -396,6 +422,8 @@ export interface VoiceCallEvents {
   final_transcript: FinalTranscriptEvent;
   ai_text: AiTextEvent;
   end_of_response: EndOfResponseEvent;
+  playback_paused: PlaybackPausedEvent;
+  playback_resumed: PlaybackResumedEvent;
   metrics: MetricsEvent;
   pong: PongEvent;
   /**

@@ -1071,10 +1071,8 @@ export class VoiceCall extends Emitter {
       case "session.ended":
         this._endedReason = typeof event.reason === "string" ? event.reason : "ended";
         break;
-      case "speech_started":
-        // Barge-in: the server stops sending; what is buffered here must stop too.
-        if (this._audio?.playing) this._audio.flush();
-        break;
+      // A sound over the AI only pauses it (playback_paused): it may resume where it stopped, so
+      // what is buffered here plays on; an interrupted end_of_response drops it.
       case "end_of_response":
         if (event.interrupted) this._audio?.flush();
         break;

@@ -5,9 +5,15 @@ A transport feeds it 16 kHz mono PCM (:meth:`Conversation.push_audio`) and raw c
 ``send`` callable and plays speech into an :class:`AudioSink`. The same class serves WebRTC and
 WebSocket calls, so every behaviour is written once.
 
+It orchestrates; the parts live beside it: the utterance being heard (utterance.py), speech and
+silence (turns.py), how much silence ends a turn (endpointing.py, the turn policy), whether a
+sound over the AI interrupts it (interruptions.py), reading the agent's reply (replies.py),
+speaking it (speaker.py) and storing messages (recording.py).
+
 Ownership: each user turn's work (final STT, agent, TTS) runs in one task, ``_turn_task``;
 barge-in cancels exactly that task and flushes the sink. Partial transcripts run in
-``_partial_task``. :meth:`aclose` cancels and awaits both and is idempotent.
+``_partial_task``, the check of a sound over the AI in its own side task. :meth:`aclose` cancels
+and awaits them all and is idempotent.
 """
 
 from __future__ import annotations
@@ -17,34 +23,30 @@ import contextlib
 import logging
 import time
 import uuid
-from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine
 from concurrent.futures import Executor
-from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 import numpy as np
 
-from ..audio import (
-    STT_RATE,
-    FloatAudio,
-    Int16Audio,
-    StreamResampler,
-    float_to_int16,
-    int16_to_float,
-    rms_dbfs,
-    trim_silence,
-)
+from ..audio import STT_RATE, Int16Audio, int16_to_float
 from ..engines.base import AgentContext, ChatMessage, EngineError, Engines, PreparingAgent
 from ..engines.languages import language_name
 from ..engines.vad import WINDOW, WINDOW_MS, VadStream
 from ..settings import Settings
 from ..telemetry.logs import turn_id_var
-from .chunker import SentenceChunker
 from .config import SessionConfig
+from .endpointing import TurnPolicy, Verdict, build_policy
 from .events import ClientEvent, EventError, parse_client_event
 from .history import context_window
-from .turns import TurnDetector, TurnEvent
+from .interruptions import PendingInterruption, asks_for_the_floor
+from .recording import Recorder, Writes
+from .replies import APOLOGY, read_reply
+from .speaker import AudioSink, speak
+from .turns import Turn, TurnDetector, TurnEvent
+from .utterance import Utterance
+
+__all__ = ["APOLOGY", "AudioSink", "Conversation", "ConversationFactory", "Recorder", "Turn"]
 
 log = logging.getLogger(__name__)
 
@@ -52,135 +54,12 @@ State = Literal["listening", "thinking", "speaking"]
 Event = dict[str, Any]
 
 SPECULATE_AFTER_WINDOWS = 1  # at the first silent window, start transcribing (see _speculate)
-# Silero's probability takes 1-4 windows to fall below the off threshold after the last word
-# (median ~50 ms on the bench questions), while the level falls at once. A window this far below
-# the loudest one so far, and this quiet in absolute terms, starts speculation before the VAD
-# agrees. Quiet closures inside words qualify too, so this starts (and drops) about half again
-# as many transcriptions while the caller speaks: only when the shared model is idle, so it
-# never queues in front of another call's turn (bench/README.md). In background noise the level
-# never drops that far, and speculation waits for the VAD as before.
-QUIET_BELOW_LOUDEST_DB = 35.0
-QUIET_DBFS = -45.0
 PRE_ROLL_MS = 300  # audio kept from before the VAD fired, so the first syllable is transcribed
-APOLOGY = "Sorry, I ran into a problem answering that."
-FIRST_LEAD_S = 0.005  # silence kept before the first sound of a reply (no click, no delay)
-GAP_LEAD_S = 0.1  # ...and before each later sentence, so they do not run together
-GAP_TAIL_S = 0.15
-# A caller who speaks again this soon after a turn ended early as a question was not done.
-RESUME_WITHIN_S = 1.0
 WRITE_WAIT_S = 15.0  # how long closing a call waits for its messages to be stored
+# Speech this soon after the reply became audible may still be the rest of the caller's sentence.
+REJOIN_HEARD_S = 0.6
 # A push-to-talk client's end_of_input this soon after the silence ended the turn is about that turn.
 END_OF_INPUT_GRACE_S = 3.0
-
-
-class AudioSink(Protocol):
-    """Where the AI's voice goes: the paced WebRTC track, or WebSocket binary frames."""
-
-    sample_rate: int
-
-    @property
-    def queued(self) -> int:
-        """Samples written but not yet played."""
-        ...
-
-    def write(self, pcm: Int16Audio) -> int:
-        """Queue samples; returns the stream position just after them."""
-        ...
-
-    def flush(self) -> int:
-        """Drop unplayed audio; returns the playhead position before the flush."""
-        ...
-
-    def wait_played(self, position: int) -> asyncio.Future[bool]:
-        """True once ``position`` is played, False if flushed first."""
-        ...
-
-
-class Recorder(Protocol):
-    """Keeps the call's messages in the thread it belongs to (the server's store)."""
-
-    def record(self, message: ChatMessage, meta: dict[str, Any]) -> asyncio.Future[str | None]:
-        """Queue one message for writing (order is kept); resolves to its stored id once it is durable.
-
-        A failed write is the recorder's to report: the future resolves (to None) all the same,
-        so a broken database never stalls the call.
-        """
-        ...
-
-    async def switch_thread(self, thread_id: str) -> list[ChatMessage]:
-        """Move the call to another thread; returns its history. LookupError if not allowed."""
-        ...
-
-
-@dataclass
-class Turn:
-    id: str
-    source: Literal["voice", "text"]
-    user_text: str = ""
-    ai_text: str = ""
-    # (start, end, text) of each piece of speech queued in the sink, in sink positions.
-    spoken: list[tuple[int, int, str]] = field(default_factory=list)
-    marks: dict[str, float] = field(default_factory=dict)
-    metrics_sent: bool = False
-    # A turn started during the end-of-turn silence runs ahead: its audio waits for ``committed``
-    # (the silence really ended the turn; see Conversation._speculate). Its events wait in
-    # ``held`` until ``shown``, which for a voice turn also waits for its transcript to be
-    # stored: the client never sees a transcript the thread does not have.
-    speculative: bool = False
-    committed: asyncio.Event = field(default_factory=asyncio.Event)
-    shown: bool = True
-    held: list[Callable[[], None]] = field(default_factory=list)
-    user_message: ChatMessage | None = None
-    reply_id: str | None = None  # the stored assistant message
-    usage: dict[str, int] | None = None
-    underruns: int = 0
-    finished: bool = False
-    # The silence that ended the turn: the configured one, or the shorter one for a question.
-    silence_ms: float | None = None
-    # The turn this one goes on with: its question ended early and the caller went on speaking.
-    continues: str | None = None
-
-    def __post_init__(self) -> None:
-        if not self.speculative:
-            self.committed.set()
-        if self.source == "voice":
-            self.shown = False
-
-    def mark(self, name: str) -> None:
-        self.marks.setdefault(name, time.monotonic())
-
-    def said_before(self, heard: int) -> str:
-        """What the listener heard: every piece whose first sample was played before ``heard``."""
-        return " ".join(text for start, _end, text in self.spoken if start < heard).strip()
-
-    def metrics(self) -> dict[str, float | None]:
-        m = self.marks
-
-        def span(a: str, b: str) -> float | None:
-            return round((m[b] - m[a]) * 1000.0, 1) if a in m and b in m else None
-
-        overhead = compute_after = None
-        if "turn_end" in m and "tts_first_audio" in m:
-            # The part of STT + LLM + TTS that speculation did not hide behind the silence.
-            compute_after = round(max(0.0, m["tts_first_audio"] - m["turn_end"]) * 1000.0, 1)
-        eot = span("speech_end", "turn_end")
-        if eot is not None and "first_audio_played" in m and "tts_first_audio" in m:
-            # Time that is neither the configured silence nor STT/LLM/TTS compute: VAD and
-            # executor hops before the turn ends, then queueing and pacing after the audio is ready.
-            ready = max(m["turn_end"], m["tts_first_audio"])
-            # A turn ended by the client (end_of_input) or by length waited for no silence.
-            waited = max(0.0, eot - self.silence_ms) if self.silence_ms is not None else 0.0
-            overhead = round(waited + (m["first_audio_played"] - ready) * 1000.0, 1)
-        return {
-            "compute_after_turn_end": compute_after,
-            "server_overhead": overhead,
-            "end_of_turn": span("speech_end", "turn_end"),
-            "stt": span("stt_start", "stt_end"),
-            "llm_first_token": span("llm_start", "llm_first_token"),
-            "llm_first_sentence": span("llm_start", "tts_start"),
-            "tts_first_audio": span("tts_start", "tts_first_audio"),
-            "voice_to_voice": span("speech_end", "first_audio_played"),
-        }
 
 
 class Conversation:
@@ -198,6 +77,7 @@ class Conversation:
         user_id: str | None = None,
         history: list[ChatMessage] | None = None,
         recorder: Recorder | None = None,
+        policy: TurnPolicy | None = None,
     ) -> None:
         self.session_id = session_id
         self.thread_id = thread_id
@@ -219,32 +99,26 @@ class Conversation:
         # How the AI's replies are stored: spoken on a call with audio, else shown as text.
         self.content_type = "voice" if sink is not None else "text"
         self.state: State = "listening"
+        self.policy = policy if policy is not None else build_policy(settings, engines.eot)
         self.detector = TurnDetector(
             window_ms=WINDOW_MS,
             threshold=settings.vad_threshold,
             min_speech_ms=settings.min_speech_ms,
-            end_silence_ms=settings.end_of_turn_silence_ms,
+            end_silence_ms=self.policy.max_silence_ms,
         )
         self._pending = np.zeros(0, dtype=np.int16)
-        self._pre_roll: deque[Int16Audio] = deque(
-            maxlen=max(1, PRE_ROLL_MS // WINDOW_MS + self.detector.min_speech_windows)
-        )
-        self._utterance: list[Int16Audio] = []
-        self._utterance_samples = 0
+        self._utterance = Utterance(PRE_ROLL_MS // WINDOW_MS + self.detector.min_speech_windows)
         self._last_partial_at = 0.0
         self._last_partial_text = ""
-        self._speech_end_at: float | None = None
         self._turn_ended_at = -1e9  # when the last voice turn ended (end_of_input after it is no error)
-        self._loudest_db = -120.0  # the loudest window of the current utterance (dBFS)
         self._turn: Turn | None = None
         self._turn_task: asyncio.Task[None] | None = None
         self._partial_task: asyncio.Task[None] | None = None
         self._speculation: Turn | None = None
-        # A turn ended early as a question, its audio and when it ended: see _on_speech_start.
-        self._resumable: tuple[Turn, list[Int16Audio], float] | None = None
+        self._sound: PendingInterruption | None = None  # a sound over the AI, being judged
         self._continues: str | None = None
         self._side_tasks: set[asyncio.Task[Any] | asyncio.Future[Any]] = set()
-        self._writes: set[asyncio.Future[str | None]] = set()  # messages being stored
+        self._writes = Writes(recorder)  # messages being stored
         self._closed = False
         self._closing = False
         self.turns_completed = 0
@@ -329,26 +203,19 @@ class Conversation:
         quiet = False
         if detector.in_speech or event is TurnEvent.TURN_END:
             if event is TurnEvent.SPEECH_START:
-                self._utterance = list(self._pre_roll)
-                self._utterance_samples = sum(w.size for w in self._utterance)
-                self._pre_roll.clear()
-                self._loudest_db = max((rms_dbfs(w) for w in self._utterance), default=-120.0)
-            level = rms_dbfs(window)
-            self._loudest_db = max(self._loudest_db, level)
-            quiet = level < min(QUIET_DBFS, self._loudest_db - QUIET_BELOW_LOUDEST_DB)
-            self._utterance.append(window)
-            self._utterance_samples += window.size
-            if prob >= detector.off_threshold:
-                self._speech_end_at = arrived
+                self._utterance.begin()
+            quiet = self._utterance.add(window, speech=prob >= detector.off_threshold, arrived=arrived)
         else:
-            self._pre_roll.append(window)
+            self._utterance.idle(window)
 
         if event is TurnEvent.SPEECH_START:
             await self._on_speech_start()
+        elif self._sound is not None:
+            await self._judge_sound(self._sound, event)
         elif event is TurnEvent.TURN_END:
             self._end_user_turn(silence_ms=detector.turn_end_silence_ms)
         elif detector.in_speech:
-            if self._utterance_samples >= self.settings.max_utterance_s * STT_RATE:
+            if self._utterance.samples >= self.settings.max_utterance_s * STT_RATE:
                 detector.reset()
                 self._end_user_turn()
             elif detector.silence_run == 0:
@@ -360,10 +227,8 @@ class Conversation:
             elif self._speculation is None:
                 if detector.silence_run >= SPECULATE_AFTER_WINDOWS:
                     self._speculate()
-            elif self._ends_as_question(self._speculation, detector.silence_ms):
-                silence_ms = detector.silence_ms
-                detector.reset()
-                self._end_user_turn(silence_ms=silence_ms)
+            else:
+                self._end_on_verdict(self._speculation)
 
     def _speculate(self) -> None:
         """Start answering during the end-of-turn silence; commit when the silence ends the turn.
@@ -372,26 +237,33 @@ class Conversation:
         the turn ends the reply is (nearly) ready to play. Until then the turn shows nothing; if
         the caller goes on speaking, it is dropped as if it never happened.
         """
-        audio = np.concatenate(self._utterance)
+        audio = self._utterance.audio()
         self._cancel_partial()
         turn = Turn(id=uuid.uuid4().hex[:12], source="voice", speculative=True)
         self._speculation = turn
         self._start_turn(turn, self._voice_turn(turn, audio))
 
-    def _ends_as_question(self, turn: Turn, silence_ms: int) -> bool:
-        """Whether a speculative turn may end before the full end-of-turn silence.
+    def _end_on_verdict(self, turn: Turn) -> None:
+        """End the speculative turn if its verdict is in and the silence has lasted as long as it says."""
+        verdict = turn.verdict
+        silence_ms = self.detector.silence_ms
+        if self._speculation is not turn or verdict is None or silence_ms < verdict.silence_ms:
+            return
+        self.detector.reset()
+        self._end_user_turn(silence_ms=silence_ms)
 
-        Its transcript (ready ~130 ms into the silence) ending in "?" means the caller asked
-        something whole: 384 ms of silence then ends the turn instead of 512. Only questions:
-        Whisper puts a full stop at nearly every pause, so "." says little. ``bench/pauses.py``
-        finds question-shaped halves ("Can you tell me?") before pauses of up to 352 ms, so the
-        default waits longer than that; a caller who still goes on is heard whole (see
-        _on_speech_start).
-        """
-        quick = self.settings.question_end_of_turn_ms
-        if quick <= 0 or silence_ms < quick or quick >= self.settings.end_of_turn_silence_ms:
-            return False
-        return turn.user_text.rstrip().endswith("?")
+    async def _judge(self, turn: Turn, text: str, audio: Int16Audio) -> None:
+        """The turn policy's verdict on a speculative turn, made while the caller is silent."""
+        if not self.policy.needs_transcript:
+            return  # the detector's silence is the verdict
+        loop = asyncio.get_running_loop()
+        judging = loop.run_in_executor(
+            self.engines.eot_executor, self.policy.judge, text, int16_to_float(audio)
+        )
+        verdict = await judging
+        turn.verdict = verdict
+        log.debug("session %s: turn %s verdict %s", self.session_id, turn.id, verdict)
+        self._end_on_verdict(turn)  # the silence may already be long enough
 
     def _drop_speculation(self) -> None:
         turn, self._speculation = self._speculation, None
@@ -408,39 +280,126 @@ class Conversation:
     async def _on_speech_start(self) -> None:
         self.last_activity = self._last_partial_at = time.monotonic()
         self._last_partial_text = ""
-        resumable, self._resumable = self._resumable, None
         self._continues = None
-        # Barge-in: the user talks over the AI (or over its thinking); the new turn wins.
-        if self._turn_task is not None and not self._turn_task.done():
-            turn = self._turn
-            await self.interrupt(reason="barge_in")
-            if resumable is not None and resumable[0] is turn:
-                earlier, audio, ended_at = resumable
-                if time.monotonic() - ended_at <= RESUME_WITHIN_S:
-                    # The "question" was half of one ("Can you tell me ... how far it is?"):
-                    # the new turn hears it all again, so the answer is to the whole question.
-                    self._utterance[:0] = audio
-                    self._utterance_samples += sum(w.size for w in audio)
-                    self._continues = earlier.id
+        task, turn = self._turn_task, self._turn
+        if self._sound is not None:
+            # Another sound while the first is judged: judge them as one.
+            self._sound.cancel_check()
+            self._sound.speech_windows = 0
+        elif task is not None and not task.done() and turn is not None:
+            rejoin = self._rejoinable(turn)
+            if self.sink is not None and self.settings.barge_in_ms > 0:
+                # Maybe a cough: hold the reply (not a sample is lost) while the sound is judged.
+                self._sound = PendingInterruption(turn, rejoin=rejoin)
+                self.sink.pause()
+                self.emit("playback_paused", turn)
+            else:
+                await self._barge_in(turn, rejoin=rejoin)
         self.emit("speech_started")
 
+    # -- a sound over the AI: interruption or not (interruptions.py) --------------------------------
+    async def _judge_sound(self, pending: PendingInterruption, event: TurnEvent | None) -> None:
+        detector = self.detector
+        if detector.in_speech and detector.silence_run == 0:
+            pending.cancel_check()  # it goes on: judge it whole
+            pending.speech_windows += 1
+            if pending.speech_windows * WINDOW_MS + self.settings.min_speech_ms >= self.settings.barge_in_ms:
+                await self._confirm_interruption(pending)
+            return
+        if pending.check is None:
+            # The sound stopped: its words say whether it was meant for the AI.
+            audio = self._utterance.audio()
+            pending.check = asyncio.create_task(
+                self._check_sound(pending, audio), name=f"sound-{pending.turn.id}"
+            )
+            self._own(pending.check)
+        if event is TurnEvent.TURN_END:
+            detector.reset()  # the check ends it one way or the other
+
+    async def _check_sound(self, pending: PendingInterruption, audio: Int16Audio) -> None:
+        try:
+            text = await self.engines.stt.transcribe(int16_to_float(audio), language=self.config.language)
+        except EngineError as exc:
+            log.warning("session %s: could not transcribe a sound over the AI: %s", self.session_id, exc)
+            text = ""
+        if self._sound is not pending or pending.check is not asyncio.current_task():
+            return
+        pending.check = None
+        # Words right after the caller's own turn ended go on with it ("... a table" "for four."),
+        # whatever they are; later, only words that ask for the floor interrupt the AI.
+        if _is_speech(text) and (pending.rejoin or asks_for_the_floor(text)):
+            log.info("session %s: %r over the AI interrupts it", self.session_id, text[:80])
+            await self._confirm_interruption(pending)
+            if not self.detector.in_speech:
+                self._end_user_turn()  # its words are the caller's next turn
+            return
+        self._end_sound()
+        self._utterance.take()
+        self.detector.reset()
+        log.info("session %s: %r over the AI; it goes on", self.session_id, text[:80])
+        self.emit("playback_resumed", pending.turn, heard=text)
+
+    async def _confirm_interruption(self, pending: PendingInterruption) -> None:
+        self._end_sound()  # the barge-in flushes what the pause held
+        await self._barge_in(pending.turn, rejoin=pending.rejoin)
+
+    def _end_sound(self) -> None:
+        """The sound over the AI is judged (or moot): the sink plays again, whatever comes next."""
+        sound, self._sound = self._sound, None
+        if sound is not None:
+            sound.cancel_check()
+            if self.sink is not None:
+                self.sink.resume()
+
+    def _rejoinable(self, turn: Turn) -> bool:
+        """Whether speech starting now goes on with ``turn`` (see _barge_in).
+
+        Only while the reply is new: a caller who has heard more of it than ``REJOIN_HEARD_S`` is
+        answering it ("uh-huh"), not finishing their sentence.
+        """
+        now = time.monotonic()
+        heard_at = turn.marks.get("first_audio_played")
+        return (
+            turn.silence_ms is not None  # a silence ended it (not the length limit, not the client)
+            and turn.ended_at is not None
+            and now - turn.ended_at <= self.settings.rejoin_ms / 1000.0
+            and (heard_at is None or now - heard_at <= REJOIN_HEARD_S)
+            and sum(w.size for w in turn.audio) + self._utterance.samples
+            < self.settings.max_utterance_s * STT_RATE
+        )
+
+    async def _barge_in(self, turn: Turn, *, rejoin: bool) -> None:
+        """The caller talks over the AI (or over its thinking): the new turn wins.
+
+        A caller who starts again within ``rejoin_ms`` of the end of their turn was not done
+        ("I want to book a table ... for four"): the new turn hears the earlier audio again, so
+        the reply is to the whole sentence, and the early exchange leaves the agent's history
+        (the thread keeps it, marked by the new transcript's ``continues``).
+        """
+        await self.interrupt(reason="barge_in")
+        if not rejoin:
+            return
+        self._utterance.prepend(turn.audio)
+        self._continues = turn.id
+        early = (turn.user_message, turn.reply_message)
+        self.history = [m for m in self.history if not any(m is e for e in early)]
+
     def _end_user_turn(self, *, silence_ms: float | None = None) -> None:
-        utterance = self._utterance
+        speech_end_at = self._utterance.speech_end_at
+        utterance = self._utterance.take()
         audio = np.concatenate(utterance) if utterance else np.zeros(0, np.int16)
-        self._utterance, self._utterance_samples = [], 0
         self._cancel_partial()
         turn, self._speculation = self._speculation, None
         if turn is None:
             turn = Turn(id=uuid.uuid4().hex[:12], source="voice")
             self._start_turn(turn, self._voice_turn(turn, audio))
-        if self._speech_end_at is not None:
-            turn.marks["speech_end"] = self._speech_end_at
+        if speech_end_at is not None:
+            turn.marks["speech_end"] = speech_end_at
         turn.silence_ms = silence_ms
         turn.continues, self._continues = self._continues, None
-        quick = silence_ms is not None and silence_ms < self.detector.turn_end_silence_ms
-        self._resumable = (turn, utterance, time.monotonic()) if quick else None
+        turn.audio = utterance
         turn.mark("turn_end")
-        self._turn_ended_at = time.monotonic()
+        turn.ended_at = self._turn_ended_at = time.monotonic()
         self.emit("speech_stopped", turn_id=turn.id)
         self._set_state("thinking")
         turn.committed.set()  # a speculative turn may now play; it shows itself once stored
@@ -457,7 +416,7 @@ class Conversation:
         if self._stt_busy():
             return
         self._last_partial_at = now
-        audio = np.concatenate(self._utterance)
+        audio = self._utterance.audio()
         self._partial_task = asyncio.create_task(self._partial(audio), name=f"partial-{self.session_id}")
         self._own(self._partial_task)
 
@@ -516,7 +475,10 @@ class Conversation:
             return
         turn.mark("stt_end")
         if not _is_speech(text):
-            # Noise the VAD took for speech: nothing was said, so nothing is answered.
+            # Noise the VAD took for speech: nothing was said, so nothing is answered (and there is
+            # no sentence to wait for the end of).
+            turn.verdict = Verdict(self.settings.end_of_turn_silence_ms, reason="no_words")
+            self._end_on_verdict(turn)
             await turn.committed.wait()
             self._reveal(turn, ("final_transcript", {"text": "", "empty": True}))
             self._set_state("listening")
@@ -528,6 +490,8 @@ class Conversation:
         # The answer starts now, even before the turn is committed; it shows nothing until then.
         response = asyncio.create_task(self._respond(turn), name=f"respond-{turn.id}")
         try:
+            if not turn.committed.is_set():
+                await self._judge(turn, text, audio)
             await turn.committed.wait()
             message_id = await self._persist(user, turn, content_type="voice")
             shown: dict[str, Any] = {"text": text, "message_id": message_id}
@@ -564,34 +528,19 @@ class Conversation:
 
         sentences: asyncio.Queue[str | None] = asyncio.Queue()
         speaker = asyncio.create_task(self._speak(turn, sentences), name=f"speak-{turn.id}")
-        chunker = SentenceChunker()
         failed: EngineError | None = None
+
+        def on_delta(delta: str) -> None:
+            turn.mark("llm_first_token")
+            turn.ai_text += delta
+            self.emit("ai_text", turn, text=delta)
+
         try:
             turn.mark("llm_start")
             stream = self.engines.agent.stream(messages, context)
-            try:
-                while True:
-                    try:
-                        async with asyncio.timeout(self.settings.llm_timeout_s):
-                            delta = await anext(stream)
-                    except StopAsyncIteration:
-                        break
-                    except TimeoutError:
-                        raise EngineError(
-                            f"The agent sent nothing for {self.settings.llm_timeout_s:.0f} s.",
-                            code="agent_timeout",
-                        ) from None
-                    if not delta:
-                        continue
-                    turn.mark("llm_first_token")
-                    turn.ai_text += delta
-                    self.emit("ai_text", turn, text=delta)
-                    for piece in chunker.push(delta):
-                        sentences.put_nowait(piece)
-            finally:
-                await aclose_stream(stream)
-            for piece in chunker.flush():
-                sentences.put_nowait(piece)
+            await read_reply(
+                stream, timeout_s=self.settings.llm_timeout_s, on_delta=on_delta, pieces=sentences
+            )
             turn.usage = context.usage.as_dict()
         except EngineError as exc:
             failed = exc
@@ -637,71 +586,31 @@ class Conversation:
         if self.sink is None:
             await self._show_text(turn, sentences)
             return
-        await self._speak_to(self.sink, turn, sentences)
+
+        def on_audio(position: int, first: bool) -> None:
+            if first:
+                self._watch_first_audio(turn, position + 1)
+            self._set_state("speaking", turn)
+
+        def on_error(exc: EngineError) -> None:
+            self.emit("error", turn, code=exc.code, message=str(exc))
+
+        await speak(
+            self.sink,
+            self.engines.tts,
+            turn,
+            sentences,
+            voice=self.config.voice,
+            speed=self.config.speed,
+            on_audio=on_audio,
+            on_error=on_error,
+        )
 
     async def _show_text(self, turn: Turn, sentences: asyncio.Queue[str | None]) -> None:
         """A text-only call (the client speaks the reply itself): every piece counts as said."""
         while (text := await sentences.get()) is not None:
             turn.mark("tts_start")
             turn.spoken.append((0, 0, text))
-
-    async def _speak_to(self, sink: AudioSink, turn: Turn, sentences: asyncio.Queue[str | None]) -> None:
-        resampler = StreamResampler(sink.sample_rate)
-        tts = self.engines.tts
-        piece_start: int | None = None
-        last_position: int | None = None
-
-        def play(chunk: FloatAudio) -> None:
-            nonlocal piece_start, last_position
-            # Sub-millisecond per chunk: cheaper inline than an executor hop.
-            pcm = resampler.pcm(float_to_int16(chunk), tts.sample_rate)
-            if pcm.size == 0:
-                return
-            if "tts_first_audio" in turn.marks and sink.queued == 0:
-                turn.underruns += 1  # the caller heard a gap: audio came slower than real time
-            position = sink.write(pcm)
-            if piece_start is None:
-                piece_start = position - pcm.size
-            if "tts_first_audio" not in turn.marks:
-                turn.mark("tts_first_audio")
-                self._watch_first_audio(turn, position - pcm.size + 1)
-            self._set_state("speaking", turn)
-            last_position = position
-
-        while True:
-            text = await sentences.get()
-            if text is None:
-                break
-            turn.mark("tts_start")
-            piece_start = None
-            held: FloatAudio | None = None
-            first_chunk = True
-            try:
-                async for chunk in tts.synthesize(text, voice=self.config.voice, speed=self.config.speed):
-                    if first_chunk:
-                        # TTS engines pad ~300 ms of silence in front of every sentence: the
-                        # caller would hear it as latency on the first, as a long gap on the rest.
-                        lead = FIRST_LEAD_S if not turn.spoken else GAP_LEAD_S
-                        chunk = trim_silence(chunk, tts.sample_rate, keep_lead_s=lead, keep_tail_s=None)
-                        first_chunk = False
-                    # One chunk is held back so the end of the piece can be trimmed too.
-                    if held is not None:
-                        await turn.committed.wait()
-                        play(held)
-                    held = chunk
-            except EngineError as exc:
-                log.warning("session %s: TTS failed: %s", self.session_id, exc)
-                self.emit("error", turn, code=exc.code, message=str(exc))
-            if held is not None:
-                await turn.committed.wait()
-                play(trim_silence(held, tts.sample_rate, keep_lead_s=None, keep_tail_s=GAP_TAIL_S))
-            if piece_start is not None and last_position is not None:
-                turn.spoken.append((piece_start, last_position, text))
-        tail = resampler.flush()
-        if tail.size:
-            last_position = sink.write(tail)
-        if last_position is not None:
-            await sink.wait_played(last_position)
 
     def _watch_first_audio(self, turn: Turn, position: int) -> None:
         sink = self.sink
@@ -723,6 +632,11 @@ class Conversation:
                 **turn.metrics(),
                 speculative=turn.speculative,
                 end_of_turn_silence=turn.silence_ms,
+                # Why that silence: the turn policy's reading of the words (and its P(done)).
+                end_of_turn_reason=turn.verdict.reason if turn.verdict else None,
+                end_of_turn_probability=(
+                    round(turn.verdict.done, 3) if turn.verdict and turn.verdict.done is not None else None
+                ),
             )
 
     def _finish(self, turn: Turn, *, interrupted: bool) -> None:
@@ -752,18 +666,8 @@ class Conversation:
         self._prepare_agent()
 
     async def _persist(self, message: ChatMessage, turn: Turn, **extra: Any) -> str | None:
-        """Store a message before the client hears of it: what a client saw is in the thread.
-
-        Returns its stored id (None without a recorder, or if the write failed).
-        """
-        if self._recorder is None:
-            return None
-        written = self._recorder.record(message, {"turn_id": turn.id, "session_id": self.session_id, **extra})
-        self._writes.add(written)
-        written.add_done_callback(self._writes.discard)
-        # Shielded: a turn cancelled mid-write (barge-in, the end of the call) leaves the write to
-        # finish, and aclose waits for it.
-        return await asyncio.shield(written)
+        """Store a message before the client hears of it: what a client saw is in the thread."""
+        return await self._writes.store(message, {"turn_id": turn.id, "session_id": self.session_id, **extra})
 
     async def _persist_reply(self, turn: Turn, *, interrupted: bool, said: str | None = None) -> None:
         content = turn.ai_text.strip() if said is None else said
@@ -771,6 +675,7 @@ class Conversation:
             return
         reply: ChatMessage = {"role": "assistant", "content": content}
         self.history.append(reply)
+        turn.reply_message = reply
         turn.reply_id = await self._persist(
             reply, turn, content_type=self.content_type, interrupted=interrupted
         )
@@ -780,6 +685,7 @@ class Conversation:
         if self._speculation is not None:
             self._drop_speculation()  # nothing of it was shown yet
             return False
+        self._end_sound()
         task, turn = self._turn_task, self._turn
         if task is None or task.done() or turn is None:
             return False
@@ -921,12 +827,8 @@ class Conversation:
         # Closed means stored: whoever says goodbye next ("session.ended", "Conversation saved")
         # may be followed at once by the app reading the thread. The recorder resolves every write;
         # the bound is for a database that hangs, which must not hold the call open for ever.
-        if self._writes:
-            _done, pending = await asyncio.wait(set(self._writes), timeout=WRITE_WAIT_S)
-            if pending:
-                log.error(
-                    "session %s: %d messages still being stored at close", self.session_id, len(pending)
-                )
+        if pending := await self._writes.drain(WRITE_WAIT_S):
+            log.error("session %s: %d messages still being stored at close", self.session_id, pending)
 
 
 # A transport builds its call's Conversation from its own sink and event sender.
@@ -940,10 +842,3 @@ def _is_speech(text: str) -> bool:
     if not stripped or not any(ch.isalnum() for ch in stripped):
         return False
     return not (stripped.startswith(("[", "(")) and stripped.endswith(("]", ")")))
-
-
-async def aclose_stream(stream: Any) -> None:
-    """Close an agent's reply stream, so a cancelled generation stops at once."""
-    close = getattr(stream, "aclose", None)
-    if close is not None:
-        await close()

@@ -8,6 +8,7 @@ import time
 
 from ..settings import Settings
 from .base import Agent, AgentError, EngineError, Engines, SpeechToText, SttError, TextToSpeech, TtsError
+from .eot import create_eot_models
 from .vad import SileroVad
 
 log = logging.getLogger(__name__)
@@ -24,7 +25,11 @@ async def load_engines(settings: Settings, *, warm: bool = True) -> Engines:
 
     started = time.perf_counter()
     engines = Engines(
-        stt=create_stt(settings), agent=create_agent(settings), tts=create_tts(settings), vad=SileroVad()
+        stt=create_stt(settings),
+        agent=create_agent(settings),
+        tts=create_tts(settings),
+        vad=SileroVad(),
+        eot=create_eot_models(settings),
     )
     if warm:
         try:
@@ -33,11 +38,13 @@ async def load_engines(settings: Settings, *, warm: bool = True) -> Engines:
             await engines.aclose()
             raise
     log.info(
-        "engines ready in %.1f s: stt=%s agent=%s tts=%s",
+        "engines ready in %.1f s: stt=%s agent=%s tts=%s turn=%s %s",
         time.perf_counter() - started,
         engines.stt.name,
         engines.agent.name,
         engines.tts.name,
+        settings.turn_policy,
+        ",".join(m.name for m in engines.eot),
     )
     return engines
 

@@ -16,6 +16,7 @@ import numpy as np
 import numpy.typing as npt
 
 if TYPE_CHECKING:
+    from .eot import EndOfTurnModel
     from .vad import SileroVad
 
 FloatAudio = npt.NDArray[np.float32]
@@ -183,13 +184,21 @@ class Engines:
     agent: Agent
     tts: TextToSpeech
     vad: SileroVad
+    # End-of-turn models the semantic turn policy combines (empty for the other policies).
+    eot: list[EndOfTurnModel] = field(default_factory=list)
     # Small per-frame audio work (resampling, VAD windows): off the event loop, but never
     # queued behind a long STT or TTS job.
     audio_executor: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(max_workers=2, thread_name_prefix="audio")
+    )
+    # The end-of-turn models (tens of ms each): their own thread, so a busy one never holds up
+    # another call's VAD windows on the audio executor.
+    eot_executor: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(max_workers=1, thread_name_prefix="eot")
     )
 
     async def aclose(self) -> None:
         for engine in (self.stt, self.agent, self.tts):
             await engine.aclose()
         self.audio_executor.shutdown(wait=False, cancel_futures=True)
+        self.eot_executor.shutdown(wait=False, cancel_futures=True)

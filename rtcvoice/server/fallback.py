@@ -13,9 +13,9 @@ import numpy as np
 from aiohttp import web
 
 from ..audio import float_to_int16, wav_bytes
-from ..conversation.conversation import aclose_stream
 from ..conversation.events import MAX_TEXT_CHARS
 from ..conversation.history import context_window
+from ..conversation.replies import aclose_stream
 from ..engines.agents import check_model
 from ..engines.base import AgentContext, ChatMessage, EngineError
 from ..transports.realtime import DIALECTS, MAX_MESSAGE_BYTES, RealtimePeer

@@ -77,8 +77,15 @@ class ImmediateSink(PlayheadSink):
 
     def write(self, pcm: Int16Audio) -> int:
         position = self.playhead.write(pcm)
-        self._send(self.playhead.take(int(pcm.size), pad=False))
+        if not self.playhead.paused:
+            self._send(self.playhead.take(int(pcm.size), pad=False))
         return position
+
+    def resume(self) -> None:
+        # What the client already has plays on; what was made during the pause goes out now.
+        super().resume()
+        if self.playhead.queued:
+            self._send(self.playhead.take(self.playhead.queued, pad=False))
 
 
 def detect_dialect(data: dict[str, Any]) -> Dialect | None:

@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from ..conversation import ConversationFactory
-from ..conversation.conversation import APOLOGY
+from ..conversation.replies import APOLOGY
 from .limits import CallLimits, RateLimiter, watch_length_and_idle
 
 log = logging.getLogger(__name__)

@@ -40,6 +40,9 @@ class Playhead:
         self.played = 0  # playhead, in the same coordinates as ``written``
         self._waiters: list[tuple[int, asyncio.Future[bool]]] = []
         self.first_audio_at: float | None = None
+        # Paused: the playhead holds still and silence is played, so a reply that may have been
+        # interrupted by a cough resumes at the very sample where it stopped.
+        self.paused = False
 
     @property
     def queued(self) -> int:
@@ -58,6 +61,7 @@ class Playhead:
         self._queue.clear()
         self._offset = 0
         self.played = self.written
+        self.paused = False
         for _pos, fut in self._waiters:
             if not fut.done():
                 fut.set_result(False)
@@ -76,6 +80,8 @@ class Playhead:
     def take(self, n: int, *, pad: bool = True) -> Int16Audio:
         """Up to ``n`` queued samples (zero-padded to ``n`` when ``pad``), advancing the playhead."""
         out = np.zeros(n, dtype=np.int16)
+        if self.paused:
+            return out if pad else out[:0]
         filled = 0
         while filled < n and self._queue:
             head = self._queue[0]
@@ -126,6 +132,12 @@ class PlayheadSink:
 
     def flush(self) -> int:
         return self.playhead.flush()
+
+    def pause(self) -> None:
+        self.playhead.paused = True
+
+    def resume(self) -> None:
+        self.playhead.paused = False
 
     def wait_played(self, position: int) -> asyncio.Future[bool]:
         return self.playhead.wait_played(position)

@@ -95,12 +95,17 @@ class PacedPcmSink(PlayheadSink):
         self._clock_start = None
         return super().flush()
 
+    def pause(self) -> None:
+        # What was already sent (the lead) still plays on the client; the rest waits here.
+        self._clock_start = None
+        super().pause()
+
     def pump(self) -> None:
         """Send what real time (plus the lead) allows; called every ``CHUNK_S``."""
         now = time.monotonic()
         last, self._last_pump = self._last_pump, now
-        if self.playhead.queued == 0:
-            self._clock_start = None  # idle: the next reply starts a new clock
+        if self.playhead.queued == 0 or self.playhead.paused:
+            self._clock_start = None  # idle: the next reply (or the resumed one) starts a new clock
             return
         if now - last > 3 * CHUNK_S and self._clock_start is not None:
             self.late_frames += 1  # the loop stalled mid-reply: the client may hear a gap

@@ -1,0 +1,272 @@
+"""Natural turn-taking with real speech, Silero and Whisper: the silence that ends a turn depends on
+what was said, words that follow a turn ended too early join it, and a cough or an "mm-hmm" over
+the AI pauses its reply instead of ending it."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+import numpy as np
+import pytest
+from conftest import ServerFactory, echo_agent, openai_agent
+from fake_openai import FakeOpenAI
+from speech import speak, wer
+from test_conversation import make, of, talk, until
+
+from rtcvoice.audio import STT_RATE, FloatAudio, int16_to_float, resample_pcm
+from rtcvoice.client import VoiceCallClient
+from rtcvoice.conversation import Conversation
+from rtcvoice.conversation.endpointing import QuestionPolicy, SemanticPolicy, SilencePolicy
+from rtcvoice.conversation.interruptions import asks_for_the_floor, is_backchannel
+from rtcvoice.engines import Engines
+from rtcvoice.transports.tracks import PacedAudioTrack
+
+
+class Fixed:
+    def __init__(self, p: float) -> None:
+        self.name = f"fixed-{p}"
+        self.p = p
+
+    def probability(self, text: str, audio: FloatAudio) -> float:
+        return self.p
+
+
+def test_the_semantic_policy_waits_longer_the_less_finished_an_utterance_sounds() -> None:
+    quiet = np.zeros(16000, np.float32)
+    silences = [
+        SemanticPolicy([Fixed(p)], 320, 500, 1600).judge("", quiet).silence_ms for p in (0.9, 0.5, 0.1)
+    ]
+    assert silences == [320, 500, 1600]
+    # Two models: one sure "not done" pulls an unsure other below the finished line.
+    assert SemanticPolicy([Fixed(0.7), Fixed(0.1)], 320, 500, 1600).judge("", quiet).reason == "unfinished"
+    assert QuestionPolicy(500, 360).judge("Can you?", quiet).silence_ms == 360
+    assert QuestionPolicy(500, 360).judge("Tell me.", quiet).silence_ms == 500
+    assert SilencePolicy(500).judge("Tell me?", quiet).silence_ms == 500
+
+
+def test_listener_noises_are_backchannels_and_requests_are_not() -> None:
+    for text in ("Mm-hmm.", "Yeah, yeah.", "Okay.", "Uh-huh", "I see.", "", "..."):
+        assert is_backchannel(text), text
+    for text in ("Stop.", "Wait, what?", "No.", "Yeah, but what about cats?", "Tell me more."):
+        assert not is_backchannel(text), text
+        assert asks_for_the_floor(text), text
+    # One or two words that ask nothing: a listener noise Whisper misheard ("Uh-huh." as "It hurts.").
+    for text in ("Mama.", "It hurts.", "Yeah.", "Hmm?", ""):
+        assert not asks_for_the_floor(text), text
+
+
+async def test_a_thinking_pause_after_a_word_that_cannot_end_a_sentence_is_not_the_end(
+    shared_engines: Engines,
+) -> None:
+    # 900 ms of silence after "for": the silence-only policy (500 ms) answers "I want to book a
+    # table for" and then "four people ..." as a second turn.
+    conv, events, _sink = make(shared_engines, echo_agent())
+    try:
+        await talk(
+            conv,
+            speak("I want to book a table for", tail_s=0.9),
+            speak("four people tomorrow evening.", lead_s=0.0, tail_s=1.8),
+        )
+        await until(events, "end_of_response")
+    finally:
+        await conv.aclose()
+    finals = of(events, "final_transcript")
+    assert len(finals) == 1, finals
+    assert wer("I want to book a table for four people tomorrow evening.", finals[0]["text"]) <= 0.2, finals
+    assert len(of(events, "speech_stopped")) == 1
+
+
+async def test_a_finished_request_ends_the_turn_sooner_than_the_plain_silence(
+    shared_engines: Engines,
+) -> None:
+    conv, events, _sink = make(shared_engines, echo_agent())
+    try:
+        await talk(conv, speak("Tell me something about octopuses.", tail_s=1.2))
+        await until(events, "end_of_response")
+    finally:
+        await conv.aclose()
+    metrics = of(events, "metrics")[0]
+    assert metrics["end_of_turn_reason"] == "finished", metrics
+    assert metrics["end_of_turn_silence"] < conv.settings.end_of_turn_silence_ms, metrics
+
+
+async def test_words_that_follow_a_turn_ended_too_early_join_it(
+    shared_engines: Engines, fake_openai: FakeOpenAI
+) -> None:
+    # A short silence-only policy ends the turn inside the caller's pause, so the answer starts;
+    # the caller goes on, and the next reply is to the whole sentence, which alone stays in the
+    # agent's history.
+    fake_openai.reply = "Sure, I can help you with that booking right away."
+    fake_openai.token_delay = 0.02
+    track = PacedAudioTrack()
+    async with playing(track):
+        conv, events, _sink = make(
+            shared_engines,
+            openai_agent(fake_openai),
+            sink=track,  # type: ignore[arg-type]
+            turn_policy="silence",
+            end_of_turn_silence_ms=300,
+        )
+        try:
+            await talk(
+                conv,
+                speak("I would like to book a table", tail_s=0.7),
+                speak("for four people tomorrow evening.", lead_s=0.0, tail_s=1.2),
+            )
+            await until(events, "end_of_response", 2)
+        finally:
+            await conv.aclose()
+    first, second = of(events, "final_transcript")
+    assert second["continues"] == first["turn_id"], (first, second)
+    assert wer("I would like to book a table for four people tomorrow evening.", second["text"]) <= 0.2
+    ends = of(events, "end_of_response")
+    assert ends[0]["turn_id"] == first["turn_id"] and ends[0]["interrupted"] is True
+    assert fake_openai.requests[-1]["messages"][-1]["content"] == second["text"]
+    assert [m["content"] for m in conv.history if m["role"] == "user"] == [second["text"]]
+
+
+async def test_two_words_soon_after_a_turn_ended_too_early_join_it_rather_than_resume_its_reply(
+    shared_engines: Engines, fake_openai: FakeOpenAI
+) -> None:
+    # "for two." is shorter than --barge-in-ms and no request: over a reply it would be a
+    # listener's noise, but right after the caller's own turn it is the rest of their sentence.
+    fake_openai.reply = "Sure, I can help you with that booking right away."
+    fake_openai.token_delay = 0.02
+    track = PacedAudioTrack()
+    async with playing(track):
+        conv, events, _sink = make(
+            shared_engines,
+            openai_agent(fake_openai),
+            sink=track,  # type: ignore[arg-type]
+            turn_policy="silence",
+            end_of_turn_silence_ms=300,
+        )
+        try:
+            await talk(
+                conv,
+                speak("I would like a table", tail_s=0.6),
+                speak("for two.", lead_s=0.0, tail_s=1.2),
+            )
+            await until(events, "end_of_response", 2)
+        finally:
+            await conv.aclose()
+    first, second = of(events, "final_transcript")
+    assert second["continues"] == first["turn_id"], (first, second)
+    assert wer("I would like a table for two.", second["text"]) <= 0.2, second
+    assert not of(events, "playback_resumed")
+
+
+@contextlib.asynccontextmanager
+async def playing(track: PacedAudioTrack) -> AsyncIterator[list[int]]:
+    """Pull frames in real time as aiortc's sender would; yields the samples played per frame."""
+    played: list[int] = []
+
+    async def pull() -> None:
+        while True:
+            frame = await track.recv()
+            played.append(int(np.count_nonzero(frame.to_ndarray())))
+
+    task = asyncio.create_task(pull())
+    try:
+        yield played
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+LONG_REPLY = (
+    "Octopuses have three hearts and blue blood. Two of the hearts pump blood through the gills, "
+    "and the third pumps it through the rest of the body. They can also change colour in a moment."
+)
+
+
+async def speaking_call(
+    engines: Engines, fake: FakeOpenAI, track: PacedAudioTrack
+) -> tuple[Conversation, list[dict[str, Any]]]:
+    fake.reply = LONG_REPLY
+    conv, events, _ = make(engines, openai_agent(fake), sink=track)  # type: ignore[arg-type]
+    await talk(conv, speak("Tell me about octopuses.", tail_s=0.8))
+    async with asyncio.timeout(20):
+        while "first_audio_played" not in str(of(events, "metrics")) and not of(events, "metrics"):
+            await asyncio.sleep(0.02)
+    await asyncio.sleep(0.8)  # a sentence into the reply
+    return conv, events
+
+
+@pytest.mark.parametrize("sound", ["Uh-huh.", "Okay."])
+async def test_a_backchannel_over_the_ai_pauses_its_reply_and_it_resumes_where_it_stopped(
+    shared_engines: Engines, fake_openai: FakeOpenAI, sound: str
+) -> None:
+    track = PacedAudioTrack()
+    async with playing(track):
+        conv, events = await speaking_call(shared_engines, fake_openai, track)
+        try:
+            await talk(conv, speak(sound, lead_s=0.0, tail_s=0.6))
+            await until(events, "end_of_response", timeout=40)
+        finally:
+            await conv.aclose()
+    turn_id = of(events, "final_transcript")[0]["turn_id"]
+    paused, resumed = of(events, "playback_paused"), of(events, "playback_resumed")
+    assert [e["turn_id"] for e in paused] == [turn_id] and [e["turn_id"] for e in resumed] == [turn_id]
+    end = of(events, "end_of_response")[0]
+    assert end["interrupted"] is False and end["text"] == LONG_REPLY
+    # Every sample of the reply was played: the pause held the playhead, it dropped nothing.
+    assert track.playhead.played == track.playhead.written
+    assert len(of(events, "final_transcript")) == 1  # the noise was no turn of its own
+    assert [m["content"] for m in conv.history] == [of(events, "final_transcript")[0]["text"], LONG_REPLY]
+
+
+async def test_real_words_over_the_ai_interrupt_it_and_only_what_was_heard_is_kept(
+    shared_engines: Engines, fake_openai: FakeOpenAI
+) -> None:
+    track = PacedAudioTrack()
+    async with playing(track):
+        conv, events = await speaking_call(shared_engines, fake_openai, track)
+        try:
+            await talk(conv, speak("Wait, stop. Tell me about cats instead.", lead_s=0.0, tail_s=1.2))
+            async with asyncio.timeout(40):
+                while not any("cats" in r["messages"][-1]["content"].lower() for r in fake_openai.requests):
+                    await asyncio.sleep(0.05)
+        finally:
+            await conv.aclose()
+    first = of(events, "end_of_response")[0]
+    assert first["interrupted"] is True
+    heard = conv.history[1]["content"]
+    assert heard and LONG_REPLY.startswith(heard) and heard != LONG_REPLY
+    assert not of(events, "playback_resumed")
+
+
+async def test_over_webrtc_a_thinking_pause_is_heard_whole_and_an_uh_huh_does_not_cut_the_reply(
+    start_server: ServerFactory, fake_openai: FakeOpenAI, shared_engines: Engines
+) -> None:
+    fake_openai.reply = LONG_REPLY
+    url = await start_server(agent=openai_agent(fake_openai))
+    client = VoiceCallClient(url)
+    await client.connect()
+    try:
+        (half, rate), (rest, _) = (
+            speak("I want to book a table for", tail_s=1.0),
+            speak("four people tomorrow evening.", lead_s=0.0),
+        )
+        client.play(np.concatenate([half, rest]), rate)
+        await client.wait_for(lambda e: e.get("type") == "state" and e["state"] == "speaking", 60)
+        await asyncio.sleep(1.0)
+        client.play(*speak("Uh-huh.", lead_s=0.0, tail_s=0.5))
+        end = await client.wait_count("end_of_response", 1, 60)
+        await asyncio.sleep(0.4)  # the last frames are in flight behind the event
+    finally:
+        await client.close()
+    finals = client.of_type("final_transcript")
+    assert len(finals) == 1, finals
+    assert wer("I want to book a table for four people tomorrow evening.", finals[0]["text"]) <= 0.2
+    assert client.of_type("playback_paused") and client.of_type("playback_resumed")
+    assert end["interrupted"] is False and end["text"] == LONG_REPLY
+    # The caller heard the whole reply, once, in order.
+    heard = await shared_engines.stt.transcribe(
+        int16_to_float(resample_pcm(client.received.pcm(), 48_000, STT_RATE))
+    )
+    assert wer(LONG_REPLY, heard) <= 0.3, heard
