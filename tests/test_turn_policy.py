@@ -93,32 +93,37 @@ async def test_a_finished_request_ends_the_turn_sooner_than_the_plain_silence(
     assert metrics["end_of_turn_silence"] < conv.settings.end_of_turn_silence_ms, metrics
 
 
-async def test_words_that_follow_a_turn_ended_too_early_join_it(
-    shared_engines: Engines, fake_openai: FakeOpenAI
-) -> None:
-    # A short silence-only policy ends the turn inside the caller's pause, so the answer starts;
-    # the caller goes on, and the next reply is to the whole sentence, which alone stays in the
-    # agent's history.
-    fake_openai.reply = "Sure, I can help you with that booking right away."
-    fake_openai.token_delay = 0.02
+async def cut_short(
+    engines: Engines, fake: FakeOpenAI, first: str, pause_s: float, rest: str
+) -> tuple[Conversation, list[dict[str, Any]]]:
+    """Speak ``first``, pause, then ``rest``, with a 300 ms silence-only policy that ends the
+    turn inside the pause, so its answer has started when the caller goes on."""
+    fake.reply = "Sure, I can help you with that booking right away."
+    fake.token_delay = 0.02
     track = PacedAudioTrack()
     async with playing(track):
         conv, events, _sink = make(
-            shared_engines,
-            openai_agent(fake_openai),
+            engines,
+            openai_agent(fake),
             sink=track,  # type: ignore[arg-type]
             turn_policy="silence",
             end_of_turn_silence_ms=300,
         )
         try:
-            await talk(
-                conv,
-                speak("I would like to book a table", tail_s=0.7),
-                speak("for four people tomorrow evening.", lead_s=0.0, tail_s=1.2),
-            )
+            await talk(conv, speak(first, tail_s=pause_s), speak(rest, lead_s=0.0, tail_s=1.2))
             await until(events, "end_of_response", 2)
         finally:
             await conv.aclose()
+    return conv, events
+
+
+async def test_words_that_follow_a_turn_ended_too_early_join_it(
+    shared_engines: Engines, fake_openai: FakeOpenAI
+) -> None:
+    # The next reply is to the whole sentence, which alone stays in the agent's history.
+    conv, events = await cut_short(
+        shared_engines, fake_openai, "I would like to book a table", 0.7, "for four people tomorrow evening."
+    )
     first, second = of(events, "final_transcript")
     assert second["continues"] == first["turn_id"], (first, second)
     assert wer("I would like to book a table for four people tomorrow evening.", second["text"]) <= 0.2
@@ -133,26 +138,7 @@ async def test_two_words_soon_after_a_turn_ended_too_early_join_it_rather_than_r
 ) -> None:
     # "for two." is shorter than --barge-in-ms and no request: over a reply it would be a
     # listener's noise, but right after the caller's own turn it is the rest of their sentence.
-    fake_openai.reply = "Sure, I can help you with that booking right away."
-    fake_openai.token_delay = 0.02
-    track = PacedAudioTrack()
-    async with playing(track):
-        conv, events, _sink = make(
-            shared_engines,
-            openai_agent(fake_openai),
-            sink=track,  # type: ignore[arg-type]
-            turn_policy="silence",
-            end_of_turn_silence_ms=300,
-        )
-        try:
-            await talk(
-                conv,
-                speak("I would like a table", tail_s=0.6),
-                speak("for two.", lead_s=0.0, tail_s=1.2),
-            )
-            await until(events, "end_of_response", 2)
-        finally:
-            await conv.aclose()
+    _conv, events = await cut_short(shared_engines, fake_openai, "I would like a table", 0.6, "for two.")
     first, second = of(events, "final_transcript")
     assert second["continues"] == first["turn_id"], (first, second)
     assert wer("I would like a table for two.", second["text"]) <= 0.2, second
