@@ -376,11 +376,14 @@ class Conversation:
         the reply is to the whole sentence, and the early exchange leaves the agent's history
         (the thread keeps it, marked by the new transcript's ``continues``).
         """
+        if rejoin:
+            # Before the await: windows go on arriving while the reply is cancelled, and a
+            # speculation or a turn end among them must already hear the words before.
+            self._utterance.prepend(turn.audio)
+            self._continues = turn.id
         await self.interrupt(reason="barge_in")
         if not rejoin:
             return
-        self._utterance.prepend(turn.audio)
-        self._continues = turn.id
         early = (turn.user_message, turn.reply_message)
         self.history = [m for m in self.history if not any(m is e for e in early)]
 
