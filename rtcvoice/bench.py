@@ -446,6 +446,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="play the turn-taking corpus (pauses inside unfinished sentences, finished statements and "
         "questions, false interruptions) into real calls: cut-off rate, end-of-turn delay, voice-to-voice",
     )
+    p.add_argument(
+        "--long-call",
+        type=int,
+        metavar="TURNS",
+        help="one call of TURNS turns with uncapped replies: how the first-token time grows with the history",
+    )
 
 
 def _counts(raw: str, flag: str) -> list[int]:
@@ -467,6 +473,10 @@ async def run(args: argparse.Namespace) -> int:
         from .bench_turns import run_turn_taking
 
         return await run_turn_taking(args)
+    if args.long_call:
+        from .bench_long import run_long_call
+
+        return await run_long_call(args)
     texts = QUESTIONS
     if args.questions:
         texts = [
