@@ -93,9 +93,11 @@ def main(argv: list[str] | None = None) -> int:
         try:
             from .cluster.workers import worker_count
             from .server.nodes import node_identity
+            from .server.turn import IceServers
 
             workers = worker_count(settings.workers)
             node_identity(settings)  # before the models load (and once, not once per worker)
+            IceServers(settings)  # a bad STUN/TURN setting would otherwise stop create_app, loaded
         except ValueError as exc:
             print(f"rtcvoice: cannot start: {exc}", file=sys.stderr)
             return 2

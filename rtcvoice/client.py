@@ -306,9 +306,8 @@ class VoiceCallClient:
                 self._lose(f"the connection was lost ({pc.connectionState})")
 
         sender = pc.addTrack(self.mic)
-        if self.jitter_frames is not None:
-            receiver = next(t.receiver for t in pc.getTransceivers() if t.sender is sender)
-            set_jitter_buffer(receiver, self.jitter_frames)
+        receiver = next(t.receiver for t in pc.getTransceivers() if t.sender is sender)
+        set_jitter_buffer(receiver, self.jitter_frames)  # and lost packets concealed
         channel = pc.createDataChannel("events")
 
         @channel.on("open")

@@ -86,9 +86,10 @@ class Settings:
     max_media_sections: int = _opt(4, "SDP offers with more media sections are refused.")
     jitter_buffer_frames: int = _opt(
         0,
-        "Inbound 20 ms audio frames held to absorb packet reordering before decoding (aiortc's own "
-        "default is 4). 0 decodes each packet as it arrives and drops late ones; each frame adds "
-        "20 ms to every reply. Raise it on networks that reorder packets.",
+        "Inbound 20 ms audio frames held to absorb packet reordering before decoding. 0 decodes each "
+        "packet as it arrives; a packet that comes later than the next one is concealed like a lost "
+        "one. Each frame adds 20 ms to every reply. Raise it on networks that reorder packets; lost "
+        "packets are concealed (Opus PLC) either way.",
     )
     # -- nodes and clusters (README "Many nodes") ----------------------------------------------
     workers: str = _opt(

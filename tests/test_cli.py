@@ -121,6 +121,31 @@ def test_serve_says_why_when_no_agent_can_answer() -> None:
     assert "RTCVOICE_WEBHOOK_URL" in proc.stderr, proc.stderr
 
 
+@pytest.mark.parametrize(
+    ("argv", "fix"),
+    [
+        (["--ice-servers", "stun.example.com:3478"], "is not a STUN/TURN URL"),
+        (["--ice-servers", "turn:turn.example.com:3478"], "TURN URLs need credentials"),
+        (["--ice-transport-policy", "relay"], "needs a turn: or turns: URL"),
+        (["--ice-servers", "turns:turn.example.com:5349?transport=udp"], "DTLS"),
+    ],
+)
+def test_a_bad_ice_setting_stops_serve_with_one_line_before_any_model_loads(
+    argv: list[str], fix: str
+) -> None:
+    proc = subprocess.run(
+        [*RTCVOICE, "serve", "--port", str(free_port()), "--log-level", "DEBUG", *argv],
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2, proc.stderr
+    # One line and nothing logged before it: the engines (which log as they load) never started.
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("rtcvoice: cannot start: "), proc.stderr
+    assert fix in proc.stderr, proc.stderr
+
+
 def test_serve_help_documents_every_setting() -> None:
     proc = subprocess.run([*RTCVOICE, "serve", "--help"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0

@@ -173,7 +173,10 @@ async def test_a_reply_comes_back_as_the_tokens_the_model_generated(agent: Local
     llm = agent._llm
     assert llm is not None
     text = "Spiders build webs to catch insects."
-    odd = [*llm.tokenize(b"Sp", add_bos=False), *llm.tokenize(b"iders build webs to catch insects.", add_bos=False)]
+    odd = [
+        *llm.tokenize(b"Sp", add_bos=False),
+        *llm.tokenize(b"iders build webs to catch insects.", add_bos=False),
+    ]
     assert odd != llm.tokenize(text.encode(), add_bos=False)  # the tokenizer's own differ
     agent._remember(" " + text, odd)
     messages: list[ChatMessage] = [

@@ -24,7 +24,7 @@ from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from ..audio import STT_RATE, StreamResampler
 from ..conversation import Conversation, ConversationFactory
 from .ice import chosen_turn_server, has_relay_candidate, rtc_configuration, turn_allocation_error
-from .jitter import set_jitter_buffer
+from .jitter import ConcealingBuffer, set_jitter_buffer
 from .limits import CallLimits, RateLimiter, watchdog
 from .tracks import PacedAudioTrack
 
@@ -89,7 +89,14 @@ class WebRtcPeer:
         self.limits = limits or CallLimits()
         self._max_media_sections = max_media_sections
         self._rate = RateLimiter(self.limits.event_rate_per_s, self.limits.event_burst)
-        self.last_heard = time.monotonic()  # the last packet or event from the client
+        self._last_heard = time.monotonic()  # the last event from the client, or audio decoded
+        self._inbound: ConcealingBuffer | None = None
+
+    def last_heard(self) -> float:
+        """When the client was last heard from: an event, or a packet as it came off the network
+        (the audio it carries may be decoded seconds later on a busy server)."""
+        arrived = self._inbound.last_arrival if self._inbound is not None else None
+        return max(self._last_heard, arrived or 0.0)
 
     @property
     def late_frames(self) -> int:
@@ -115,7 +122,7 @@ class WebRtcPeer:
             raise OfferError("The SDP offer has no usable audio section.")
         if not any(c.name.lower() in ("opus", "pcmu", "pcma") for c in _codecs(audio[0])):
             raise OfferError("The SDP offer has no audio codec rtcvoice can decode (Opus, PCMU or PCMA).")
-        set_jitter_buffer(audio[0].receiver, self._jitter_frames)
+        self._inbound = set_jitter_buffer(audio[0].receiver, self._jitter_frames)
         pc.addTrack(self.track)
         answer = await pc.createAnswer()
         await pc.setLocalDescription(answer)
@@ -155,7 +162,7 @@ class WebRtcPeer:
 
         @channel.on("message")
         def _message(message: str | bytes) -> None:
-            self.last_heard = time.monotonic()
+            self._last_heard = time.monotonic()
             if not self._rate.allow():
                 self.send(
                     {
@@ -210,7 +217,8 @@ class WebRtcPeer:
                 return
             if not isinstance(frame, av.AudioFrame):
                 continue
-            self.last_heard = time.monotonic()
+            if self._inbound is None:  # no packet clock (see last_heard): the audio is the sign
+                self._last_heard = time.monotonic()
             pcm = await loop.run_in_executor(self._executor, resampler.frame, frame)
             await self.conversation.push_audio(pcm)
 
@@ -220,14 +228,14 @@ class WebRtcPeer:
         log.info("session %s: connection %s", self.session_id, state)
         if state == "connected" and not self.connected.is_set():
             self.connected.set()
-            self.last_heard = time.monotonic()
+            self._last_heard = time.monotonic()
             conversation = self.conversation
             assert conversation is not None
             self._spawn(
                 watchdog(
                     self.limits,
                     started=time.monotonic(),
-                    last_heard=lambda: self.last_heard,
+                    last_heard=self.last_heard,
                     last_activity=lambda: conversation.last_activity,
                     end=self.close,
                 ),

@@ -9,8 +9,10 @@ transcript whose last word can end one.
 
 Some words sit in between: auxiliaries and modals ("we should"), subject pronouns, wh-words,
 prepositions that double as particles ("turn it on"). They end sentences now and then, so they
-pull the probability down without deciding. A preposition before a "?" is a question with its
-preposition at the end ("Where are you from?"), so it counts as half a question.
+pull the probability down without deciding. A preposition before a "?" ends a wh-question
+("What is that book about?", "Where are you from?"): those are finished. Elsewhere it counts as
+half a question ("Can you book a table for?" is Whisper's "?" at a pause more often than not).
+In a long call the rule cost "What is that book about?" the full max_end_of_turn_ms.
 
 Every number is a field of :class:`TrailingWordsModel`. What matters is the order of the classes
 (a filler or an article below a preposition below an in-between word below a full stop below a
@@ -38,6 +40,8 @@ PREPOSITIONS = frozenset(
     against via per like as
     """.split()
 )
+# A question that opens with one of these may end on its preposition ("Who is it for?").
+WH_WORDS = frozenset("what which who whom whose where".split())
 # Words that end a sentence now and then: they lower the probability without deciding it.
 RARELY_LAST = frozenset(
     """
@@ -66,7 +70,7 @@ class TrailingWordsModel:
     stopped: float = 0.7  # ends in "." after a word that can end a sentence
     bare: float = 0.55  # a word that can end a sentence, no punctuation
     rarely: float = 0.3  # the last word rarely ends a sentence (and no "?")
-    stranded: float = 0.45  # a preposition before "?"
+    stranded: float = 0.45  # a preposition before "?", not in a wh-question
     trailing: float = 0.15  # ends in a comma, dash, colon or ellipsis
     preposition: float = 0.1  # a preposition, no "?"
     never: float = 0.05  # an article, possessive or conjunction, whatever the punctuation
@@ -92,6 +96,8 @@ class TrailingWordsModel:
         if last in self.never_last:
             return self.never
         if last in self.prepositions:
+            if asked and words[0] in WH_WORDS:
+                return self.question
             return self.stranded if asked else self.preposition
         if stripped.endswith(TRAILING_OFF):
             return self.trailing
