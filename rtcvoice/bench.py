@@ -447,6 +447,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "questions, false interruptions) into real calls: cut-off rate, end-of-turn delay, voice-to-voice",
     )
     p.add_argument(
+        "--memory",
+        type=int,
+        metavar="BATCHES",
+        help="BATCHES batches of --memory-batch concurrent calls: the server's RSS with the calls up and "
+        "after each batch (does it plateau?), and MB per concurrent call",
+    )
+    p.add_argument(
+        "--memory-batch", type=int, default=10, help="calls at once per --memory batch (default 10)"
+    )
+    p.add_argument(
         "--long-call",
         type=int,
         metavar="TURNS",
@@ -473,6 +483,10 @@ async def run(args: argparse.Namespace) -> int:
         from .bench_turns import run_turn_taking
 
         return await run_turn_taking(args)
+    if args.memory:
+        from .bench_memory import run_memory
+
+        return await run_memory(args)
     if args.long_call:
         from .bench_long import run_long_call
 

@@ -90,6 +90,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"rtcvoice: cannot start: {exc}", file=sys.stderr)
             return 2
         setup_logging(settings.log_level, settings.log_format, _node_name(settings))
+        from .native_memory import limit_malloc_arenas
+
+        limit_malloc_arenas(settings.malloc_arena_max)  # before any model or call starts a thread
         try:
             from .cluster.workers import worker_count
             from .server.nodes import node_identity

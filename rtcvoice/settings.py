@@ -91,6 +91,13 @@ class Settings:
         "one. Each frame adds 20 ms to every reply. Raise it on networks that reorder packets; lost "
         "packets are concealed (Opus PLC) either way.",
     )
+    malloc_arena_max: int = _opt(
+        2,
+        "glibc malloc arenas for the server process (as MALLOC_ARENA_MAX; an inherited "
+        "MALLOC_ARENA_MAX wins). Every call starts native threads (codecs, decoding), and glibc "
+        "gives threads up to 8 arenas per core that keep freed memory: with 2 the RSS levels off "
+        "(bench/README.md, Native memory). 0 keeps glibc's default.",
+    )
     # -- nodes and clusters (README "Many nodes") ----------------------------------------------
     workers: str = _opt(
         "1",

@@ -92,3 +92,29 @@ async def test_bench_across_nodes_reports_each_node_the_caller_and_the_ratios(tm
     summary = summarize([data, {**data, "settings": {**settings, "nodes": 1}, "capacity": 1}])
     assert [row["nodes"] for row in summary["configurations"]] == [1, 2]
     assert list(summary["ratios"]) == ["nodes 2 / 1 (workers 1)"]
+
+
+async def test_bench_memory_reads_the_servers_rss_per_batch_and_the_growth_of_the_last_half(
+    tmp_path: Path,
+) -> None:
+    report = tmp_path / "memory.json"
+    command = [sys.executable, "-m", "rtcvoice", "bench", "--instant", "--memory", "4", "--memory-batch", "3"]
+    proc = await asyncio.to_thread(
+        subprocess.run, [*command, "--json", str(report)], capture_output=True, text=True, timeout=240
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "MB per concurrent call" in proc.stdout
+    data = json.loads(report.read_text())
+    after, during = data["rss_after_batch_mb"], data["rss_during_batch_mb"]
+    assert len(after) == 4 and len(during) == 4 and data["failed_calls"] == 0
+    assert data["idle_rss_mb"] > 50 and data["peak_rss_mb"] == max(after + during)
+    assert data["growth_last_half_mb"] == round(after[3] - after[1], 1)
+    assert data["mb_per_concurrent_call"] == round((max(during) - data["idle_rss_mb"]) / 3, 1)
+
+
+def test_the_plateau_report_measures_growth_over_the_last_half() -> None:
+    from rtcvoice.bench_memory import plateau_report
+
+    report = plateau_report(100.0, [120.0, 130.0, 134.0, 135.0], [125.0, 131.0, 135.0, 136.0], batch=10)
+    assert report["growth_mb"] == 35.0 and report["growth_last_half_mb"] == 5.0
+    assert report["peak_rss_mb"] == 136.0 and report["mb_per_concurrent_call"] == 3.6

@@ -10,6 +10,7 @@ import logging
 import os
 import resource
 import signal
+import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -460,3 +461,15 @@ async def test_two_hundred_calls_in_a_row_and_twenty_at_once_leak_nothing(
 
 def test_base_settings_leave_room_for_the_tests() -> None:
     assert BASE_SETTINGS.max_sessions >= 20
+
+
+def test_the_server_caps_glibcs_malloc_arenas_unless_the_environment_chose() -> None:
+    """Measured in bench/README.md "Native memory": over 400 calls in batches of 10, two arenas
+    level the RSS off (+0.2 MB over the last 200 calls, against +46 MB with glibc's default)."""
+    probe = (
+        "import os; from rtcvoice.native_memory import limit_malloc_arenas as cap; "
+        "print(cap(2), cap(0)); os.environ['MALLOC_ARENA_MAX'] = '4'; print(cap(2))"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "MALLOC_ARENA_MAX"}
+    proc = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.stdout.split() == ["True", "False", "False"], proc.stdout + proc.stderr
