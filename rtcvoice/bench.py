@@ -464,6 +464,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
+def serve_args_of(args: argparse.Namespace) -> list[str]:
+    """The ``rtcvoice serve`` arguments a bench starts its server with: ``--serve-arg``s, and the
+    echo agent and beep TTS for ``--instant``."""
+    serve_args = list(args.serve_arg)
+    if args.instant:
+        serve_args += ["--agent", "echo", "--tts", "tone"]
+    return serve_args
+
+
 def _counts(raw: str, flag: str) -> list[int]:
     try:
         counts = [int(n) for n in raw.split(",") if n.strip()]
@@ -497,10 +506,7 @@ async def run(args: argparse.Namespace) -> int:
             q.strip() for q in (await asyncio.to_thread(_read_text, args.questions)).splitlines() if q.strip()
         ]
     levels_wanted = sorted({int(n) for n in str(args.concurrency).split(",") if n.strip()})
-    serve_args = list(args.serve_arg)
-    if args.instant:
-        serve_args += ["--agent", "echo", "--tts", "tone"]
-    serve_args, serve_workers = pop_workers(serve_args)
+    serve_args, serve_workers = pop_workers(serve_args_of(args))
     nodes = _counts(args.nodes, "--nodes")
     workers = _counts(args.workers, "--workers") if args.workers else [serve_workers or 1]
     configs = [(n, w) for n in nodes for w in workers]

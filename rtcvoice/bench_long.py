@@ -41,10 +41,10 @@ from .bench import (
     _status,
     _turn_from,
     _write_text,
+    serve_args_of,
     synthesize_questions,
 )
-from .bench_cpu import PERIOD_US, CpuShares
-from .bench_nodes import Cluster, start_cluster
+from .bench_nodes import one_server
 from .client import VoiceCallClient
 
 # Questions that lead on from each other, short factual ones between requests for explanations,
@@ -252,9 +252,7 @@ async def run_long_call(args: argparse.Namespace) -> int:
     turns_wanted: int = args.long_call
     if turns_wanted < 1:
         raise SystemExit("rtcvoice bench: --long-call needs 1 turn or more")
-    serve_args = list(args.serve_arg)
-    if args.instant:
-        serve_args += ["--agent", "echo", "--tts", "tone"]
+    serve_args = serve_args_of(args)
     if _max_tokens(serve_args) is None:
         serve_args += ["--llm-max-tokens", str(LONG_REPLY_TOKENS)]
     max_tokens = _max_tokens(serve_args)
@@ -262,16 +260,8 @@ async def run_long_call(args: argparse.Namespace) -> int:
     main = asyncio.current_task()
     if main is not None:
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, main.cancel)
-    cluster: Cluster | None = None
-    shares = CpuShares.detect(False, PERIOD_US)
-    try:
-        synthesizing = asyncio.ensure_future(asyncio.to_thread(synthesize_questions, texts))
-        server = args.server
-        if not server:
-            cluster = await asyncio.to_thread(
-                start_cluster, serve_args, nodes=1, workers=1, node_cpus=None, shares=shares
-            )
-            server = cluster.entry
+    synthesizing = asyncio.ensure_future(asyncio.to_thread(synthesize_questions, texts))
+    async with one_server(args.server, serve_args) as server:
         questions = await synthesizing
         status = await asyncio.to_thread(_status, server)
         runs: list[dict[str, Any]] = []
@@ -288,10 +278,6 @@ async def run_long_call(args: argparse.Namespace) -> int:
                 flush=True,
             )
             print(_summary_text(runs[-1]["quiet_summary"]), flush=True)
-    finally:
-        if cluster is not None:
-            await asyncio.to_thread(cluster.stop)
-        shares.close()
     result: dict[str, Any] = {
         "settings": {
             "server": server,

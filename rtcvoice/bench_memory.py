@@ -16,9 +16,8 @@ import json
 import sys
 from typing import Any
 
-from .bench import _status, _write_text
-from .bench_cpu import PERIOD_US, CpuShares
-from .bench_nodes import Cluster, start_cluster
+from .bench import _status, _write_text, serve_args_of
+from .bench_nodes import one_server
 from .client import VoiceCallClient
 
 SETTLE_S = 1.0
@@ -64,18 +63,8 @@ async def run_memory(args: argparse.Namespace) -> int:
     size: int = args.memory_batch
     if batches < 2 or size < 1:
         raise SystemExit("rtcvoice bench: --memory needs 2 batches or more, --memory-batch 1 or more")
-    serve_args = list(args.serve_arg)
-    if args.instant:
-        serve_args += ["--agent", "echo", "--tts", "tone"]
-    cluster: Cluster | None = None
-    shares = CpuShares.detect(False, PERIOD_US)
-    try:
-        server = args.server
-        if not server:
-            cluster = await asyncio.to_thread(
-                start_cluster, serve_args, nodes=1, workers=1, node_cpus=None, shares=shares
-            )
-            server = cluster.entry
+    serve_args = serve_args_of(args)
+    async with one_server(args.server, serve_args) as server:
         idle = await asyncio.to_thread(_rss, server)
         print(f"== memory: {batches} batches of {size} calls; idle RSS {idle:.0f} MB ==", flush=True)
         after: list[float] = []
@@ -95,10 +84,6 @@ async def run_memory(args: argparse.Namespace) -> int:
             print(
                 f"batch {n + 1:3d}: RSS {peak:>5} MB with the calls up, {after[-1]:.0f} MB after", flush=True
             )
-    finally:
-        if cluster is not None:
-            await asyncio.to_thread(cluster.stop)
-        shares.close()
     report = plateau_report(idle, after, during, size) | {"failed_calls": failed, "serve_args": serve_args}
     print(
         f"peak {report['peak_rss_mb']:.0f} MB, {report['mb_per_concurrent_call']} MB per concurrent call, "

@@ -25,6 +25,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -104,6 +105,27 @@ def pop_workers(serve_args: list[str]) -> tuple[list[str], int | None]:
 
 def _has_flag(args: list[str], flag: str) -> bool:
     return any(a == flag or a.startswith(flag + "=") for a in args)
+
+
+@contextlib.asynccontextmanager
+async def one_server(server: str | None, serve_args: list[str]) -> AsyncIterator[str]:
+    """``server`` when given; else one ``rtcvoice serve`` with ``serve_args``, stopped on the way out.
+
+    For the benches that measure one call or one node (--turn-taking, --long-call, --memory)."""
+    if server:
+        yield server
+        return
+    shares = CpuShares.detect(False)
+    try:
+        cluster = await asyncio.to_thread(
+            start_cluster, serve_args, nodes=1, workers=1, node_cpus=None, shares=shares
+        )
+        try:
+            yield cluster.entry
+        finally:
+            await asyncio.to_thread(cluster.stop)
+    finally:
+        shares.close()
 
 
 def start_cluster(

@@ -37,8 +37,7 @@ from typing import Any
 import numpy as np
 
 from .audio import WEBRTC_RATE, Int16Audio, resample_pcm
-from .bench_cpu import CpuShares
-from .bench_nodes import Cluster, pop_workers, start_cluster
+from .bench_nodes import one_server, pop_workers
 from .client import CallError, VoiceCallClient
 from .turn_corpus import HIBARI, Clip, Item, corpus, subset, synthesize
 
@@ -417,33 +416,18 @@ def table(summary: dict[str, Any]) -> str:
 
 
 async def run_turn_taking(args: argparse.Namespace) -> int:
-    from .bench import _read_text, _status, _write_text
+    from .bench import _read_text, _status, _write_text, serve_args_of
 
     items = corpus()
     if args.questions:
         items = select(items, (await asyncio.to_thread(_read_text, args.questions)).splitlines())
-    serve_args = list(args.serve_arg)
-    if args.instant:
-        serve_args += ["--agent", "echo", "--tts", "tone"]
-    serve_args, _workers = pop_workers(serve_args)
-    cluster: Cluster | None = None
-    server = args.server
-    shares = CpuShares.detect(False)
-    try:
-        if not server:
-            cluster = await asyncio.to_thread(
-                start_cluster, serve_args, nodes=1, workers=1, node_cpus=None, shares=shares
-            )
-            server = cluster.entry
+    serve_args, _workers = pop_workers(serve_args_of(args))
+    async with one_server(args.server, serve_args) as server:
         status = await asyncio.to_thread(_status, server)
         print(f"turn-taking: {len(items)} corpus items into {server} ({status.get('engines')})", flush=True)
         started = time.monotonic()
         results = await run_items(server, items)
         wall = round(time.monotonic() - started, 1)
-    finally:
-        if cluster is not None:
-            await asyncio.to_thread(cluster.stop)
-        shares.close()
     summary = summarize(results)
     print(table(summary), flush=True)
     report = {

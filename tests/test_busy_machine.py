@@ -22,22 +22,19 @@ from speech import speak
 
 from rtcvoice.audio import rms_dbfs
 from rtcvoice.client import VoiceCallClient
-from rtcvoice.engines.base import FloatAudio, Voice
+from rtcvoice.engines.base import FloatAudio
+from rtcvoice.engines.tts.tone import RATE, ToneTts
 
 SENTENCES = ["One two three four.", "Five six seven eight.", "Nine ten eleven twelve.", "Thirteen fourteen."]
 PITCHES = [400.0 + 200.0 * i for i in range(len(SENTENCES))]
 SENTENCE_S = 0.6
-RATE = 24_000
 FRAME = 960  # 20 ms at the client's 48 kHz
 
 
-class SentenceTones:
-    """A TTS that says sentence i of SENTENCES as a SENTENCE_S tone at PITCHES[i]."""
+class SentenceTones(ToneTts):
+    """The beep TTS, but sentence i of SENTENCES is a SENTENCE_S tone at PITCHES[i]."""
 
     name = "sentence-tones"
-    languages = None
-    sample_rate = RATE
-    default_voice = "tone"
 
     async def synthesize(
         self, text: str, *, voice: str | None = None, speed: float = 1.0
@@ -47,15 +44,6 @@ class SentenceTones:
         tone = (0.3 * np.sin(2 * np.pi * pitch * t)).astype(np.float32)
         for piece in np.array_split(tone, 4):  # streamed, as real engines do
             yield piece
-
-    def voices(self) -> list[Voice]:
-        return [Voice(id="tone", name="Sentence tones", gender="none", language="en-US", engine="test")]
-
-    async def warm_up(self) -> None:
-        return None
-
-    async def aclose(self) -> None:
-        return None
 
 
 def pitches_heard(pcm: np.ndarray) -> list[int | None]:

@@ -137,11 +137,11 @@ class ConcealingBuffer:
             # A gap longer than half the 32-bit clock is the clock going back (a restart): none.
             lost = min(gap // frame_samples, MAX_PACKET_SAMPLES // frame_samples - 1) if gap < 2**31 else 0
             if lost > 0 and data[0] & 3 == 0:
-                data = with_lost_frames(data, lost)
                 timestamp = uint32_add(timestamp, -lost * frame_samples)
+                samples += lost * frame_samples
                 self.concealed += lost * frame_samples
-                frame = JitterFrame(data=data, timestamp=timestamp)
-        self._next = uint32_add(frame.timestamp, opus_samples(data) or samples)
+                frame = JitterFrame(data=with_lost_frames(data, lost), timestamp=timestamp)
+        self._next = uint32_add(timestamp, samples)
         return pli, frame
 
 
