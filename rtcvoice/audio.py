@@ -103,8 +103,11 @@ def resample_pcm(pcm: Int16Audio, in_rate: int, out_rate: int) -> Int16Audio:
     return np.concatenate([r.pcm(pcm, in_rate), r.flush()])
 
 
+AUDIBLE_RMS = 0.003  # -50 dBFS
+
+
 def audible_bounds(
-    audio: FloatAudio, rate: int, threshold: float = 0.003, block_ms: int = 10
+    audio: FloatAudio, rate: int, threshold: float = AUDIBLE_RMS, block_ms: int = 10
 ) -> tuple[int, int] | None:
     """(first, last) sample of the audible part: the span of 10 ms blocks louder than ``threshold`` RMS."""
     block = max(1, rate * block_ms // 1000)
@@ -116,6 +119,33 @@ def audible_bounds(
     if loud.size == 0:
         return None
     return int(loud[0] * block), int(min(audio.size, (loud[-1] + 1) * block))
+
+
+def framed_speech(audio: FloatAudio, rate: int, *, lead_s: float, tail_s: float) -> FloatAudio:
+    """The audible part of ``audio`` with exactly ``lead_s`` before it and ``tail_s`` after it
+    (zeros where ``audio`` had less), cut at its first and last loud sample.
+
+    The cut is found to the sample, not to the 10 ms block, so the same speech gives the same
+    samples however much silence came with it and wherever its blocks started: a transport that
+    hands over a whole recording and one whose voice detection cut the utterance out of a stream
+    give the transcriber the same input.
+    """
+    bounds = audible_bounds(audio, rate)
+    if bounds is None:
+        return audio
+    first, last = bounds
+    block = rate // 100
+    loud = np.flatnonzero(np.abs(audio[max(0, first - block) : first + block]) > AUDIBLE_RMS)
+    if loud.size:
+        first = max(0, first - block) + int(loud[0])
+    loud = np.flatnonzero(np.abs(audio[max(0, last - 2 * block) : last]) > AUDIBLE_RMS)
+    if loud.size:
+        last = max(0, last - 2 * block) + int(loud[-1]) + 1
+    lead, tail = round(lead_s * rate), round(tail_s * rate)
+    start, end = first - lead, last + tail
+    before = np.zeros(max(0, -start), audio.dtype)
+    after = np.zeros(max(0, end - audio.size), audio.dtype)
+    return np.concatenate([before, audio[max(0, start) : min(audio.size, end)], after])
 
 
 def trim_silence(

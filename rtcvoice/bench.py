@@ -457,6 +457,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--memory-batch", type=int, default=10, help="calls at once per --memory batch (default 10)"
     )
     p.add_argument(
+        "--memory-reply-words",
+        type=int,
+        default=24,
+        help="words each --memory call has the echo agent say back (24: ~3 s of the beep TTS)",
+    )
+    p.add_argument(
+        "--network",
+        metavar="LOSS%,...",
+        help="the questions over a clean (0) and impaired networks (e.g. 0,3,10 percent UDP loss) in a private "
+        "network namespace: words heard, voice-to-voice, audio concealed, side by side (needs root)",
+    )
+    p.add_argument(
+        "--network-delay-ms", type=float, default=30.0, help="one-way delay of an impaired network"
+    )
+    p.add_argument(
+        "--network-jitter-ms",
+        type=float,
+        default=15.0,
+        help="standard deviation of that delay (reorders packets)",
+    )
+    p.add_argument(
         "--long-call",
         type=int,
         metavar="TURNS",
@@ -496,6 +517,10 @@ async def run(args: argparse.Namespace) -> int:
         from .bench_memory import run_memory
 
         return await run_memory(args)
+    if args.network:
+        from .bench_network import run_network
+
+        return await run_network(args)
     if args.long_call:
         from .bench_long import run_long_call
 

@@ -2,7 +2,7 @@
 
 BATCHES batches of ``--memory-batch`` concurrent WebRTC calls (each connects, sends a message,
 waits for the spoken reply and hangs up). The server's RSS is read from its status while every
-call of a batch is up (the cost of a concurrent call at peak) and 1 s after the batch has hung
+call of a batch is up (the cost of a concurrent call at peak) and 1.5 s after the batch has hung
 up (what stays). Native memory (codecs, onnxruntime, allocator arenas) is invisible to Python's
 heap counts, so this reads the process's RSS. ``--instant`` (the echo agent and the beep TTS)
 keeps the models' own memory out of it.
@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import statistics
 import sys
 from typing import Any
 
@@ -20,20 +21,26 @@ from .bench import _status, _write_text, serve_args_of
 from .bench_nodes import one_server
 from .client import VoiceCallClient
 
-SETTLE_S = 1.0
-# The echo agent says these back: ~3 s of the beep TTS, so every call of a batch speaks at once.
-REPLY_WORDS = " ".join(f"word{i}" for i in range(24))
+PLATEAU_WINDOW = 5
+SETTLE_S = 1.5  # past the server's malloc trim, 0.5 s after the last call ended
+# The echo agent says these back: 24 words are ~3 s of the beep TTS, so every call of a batch
+# speaks at once.
+REPLY_WORDS = 24
+
+
+def _words(n: int) -> str:
+    return " ".join(f"word{i}" for i in range(n))
 
 
 def _rss(server: str) -> float:
     return float(_status(server)["process"]["rss_mb"])
 
 
-async def _call(server: str, up: asyncio.Barrier, up_rss: list[float]) -> None:
+async def _call(server: str, up: asyncio.Barrier, up_rss: list[float], words: int) -> None:
     client = VoiceCallClient(server)
     await client.connect()
     try:
-        client.send({"type": "text_message", "content": REPLY_WORDS})
+        client.send({"type": "text_message", "content": _words(words)})
         await client.wait_for(lambda e: e.get("type") == "state" and e.get("state") == "speaking", 60)
         if await up.wait() == 0:  # one caller reads the peak while every reply is being spoken
             up_rss.append(await asyncio.to_thread(_rss, server))
@@ -41,6 +48,10 @@ async def _call(server: str, up: asyncio.Barrier, up_rss: list[float]) -> None:
         await client.wait_count("end_of_response", 1, 60)
     finally:
         await client.close()
+
+
+def _median_end(values: list[float]) -> float:
+    return float(statistics.median(values[-PLATEAU_WINDOW:]))
 
 
 def plateau_report(idle: float, after: list[float], during: list[float], batch: int) -> dict[str, Any]:
@@ -52,8 +63,9 @@ def plateau_report(idle: float, after: list[float], during: list[float], batch: 
         "peak_rss_mb": max(during + after),
         # What a concurrent call costs while it is up, over the idle server.
         "mb_per_concurrent_call": round((max(during) - idle) / batch, 1) if during else None,
-        # The plateau test: what the second half of the batches still added.
-        "growth_last_half_mb": round(after[-1] - after[half - 1], 1) if half else None,
+        # The plateau test: what the second half of the batches still added, each end read as the
+        # median of up to 5 batches (one reading moves by 1-2 MB with what the allocator holds).
+        "growth_last_half_mb": round(_median_end(after) - _median_end(after[:half]), 1) if half else None,
         "growth_mb": round(after[-1] - idle, 1) if after else None,
     }
 
@@ -74,7 +86,8 @@ async def run_memory(args: argparse.Namespace) -> int:
             up = asyncio.Barrier(size)
             up_rss: list[float] = []
             results = await asyncio.gather(
-                *(_call(server, up, up_rss) for _ in range(size)), return_exceptions=True
+                *(_call(server, up, up_rss, args.memory_reply_words) for _ in range(size)),
+                return_exceptions=True,
             )
             failed += sum(isinstance(r, BaseException) for r in results)
             await asyncio.sleep(SETTLE_S)

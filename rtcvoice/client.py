@@ -33,7 +33,7 @@ from .transports.ice import (
     rtc_configuration,
     turn_allocation_error,
 )
-from .transports.jitter import set_jitter_buffer
+from .transports.jitter import ConcealingBuffer, set_jitter_buffer
 from .transports.tracks import PacedAudioTrack
 
 log = logging.getLogger(__name__)
@@ -250,6 +250,8 @@ class VoiceCallClient:
         self.pc: RTCPeerConnection | None = None
         self.mic = PacedAudioTrack()
         self.received = ReceivedAudio()
+        # The reply track's jitter buffer, once connected: ``inbound.concealed`` samples made up.
+        self.inbound: ConcealingBuffer | None = None
         self.events: list[tuple[float, dict[str, Any]]] = []
         self.speech_ends: list[float] = []  # when the last speech sample of each played clip left
         self.turns = TurnLedger()
@@ -307,7 +309,7 @@ class VoiceCallClient:
 
         sender = pc.addTrack(self.mic)
         receiver = next(t.receiver for t in pc.getTransceivers() if t.sender is sender)
-        set_jitter_buffer(receiver, self.jitter_frames)  # and lost packets concealed
+        self.inbound = set_jitter_buffer(receiver, self.jitter_frames)  # and lost packets concealed
         channel = pc.createDataChannel("events")
 
         @channel.on("open")

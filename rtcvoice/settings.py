@@ -85,11 +85,12 @@ class Settings:
     event_rate_per_s: float = _opt(20.0, "Client events allowed per second per call (after a burst of 40).")
     max_media_sections: int = _opt(4, "SDP offers with more media sections are refused.")
     jitter_buffer_frames: int = _opt(
-        0,
-        "Inbound 20 ms audio frames held to absorb packet reordering before decoding. 0 decodes each "
-        "packet as it arrives; a packet that comes later than the next one is concealed like a lost "
-        "one. Each frame adds 20 ms to every reply. Raise it on networks that reorder packets; lost "
-        "packets are concealed (Opus PLC) either way.",
+        -1,
+        "Inbound 20 ms audio frames held to absorb packet reordering before decoding; each adds 20 ms "
+        "to every reply. -1: adaptive, per call: none while packets come in order, as many as the "
+        "latest reordered packet needed (up to 4) once one comes late, one fewer after 10 s in order. "
+        "0 decodes each packet as it arrives (a packet that comes after a newer one is concealed like "
+        "a lost one). Lost packets are concealed (Opus PLC) at any setting.",
     )
     malloc_arena_max: int = _opt(
         2,

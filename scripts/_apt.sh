@@ -73,6 +73,18 @@ ensure_haproxy() {
   fi
 }
 
+# iptables and libnetfilter-queue for tests/test_lossy_network.py (`rtcvoice bench --network`), which
+# impairs UDP inside a private network namespace through an NFQUEUE rule; the NetfilterQueue package
+# (test extra) builds against the library's headers, so this runs before the virtualenv is made.
+ensure_netem() {
+  local missing=()
+  command -v iptables >/dev/null 2>&1 || [ -x /usr/sbin/iptables ] || missing+=(iptables)
+  [ -f /usr/include/libnetfilter_queue/libnetfilter_queue.h ] || missing+=(libnetfilter-queue-dev)
+  if [ ${#missing[@]} -gt 0 ]; then
+    apt_install "${missing[@]}"
+  fi
+}
+
 # espeak-ng voices for the turn-taking corpus (rtcvoice/turn_corpus.py): without it the corpus,
 # its tests and `rtcvoice bench --turn-taking` fall back to hibari's one voice.
 ensure_espeak() {

@@ -473,3 +473,34 @@ def test_the_server_caps_glibcs_malloc_arenas_unless_the_environment_chose() -> 
     env = {k: v for k, v in os.environ.items() if k != "MALLOC_ARENA_MAX"}
     proc = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=60)
     assert proc.stdout.split() == ["True", "False", "False"], proc.stdout + proc.stderr
+
+
+async def test_memory_is_given_back_once_calls_stop_ending_and_collected_only_when_none_is_left() -> None:
+    from rtcvoice.native_memory import MallocTrimmer
+
+    live = [1]
+    trimmer = MallocTrimmer(idle=lambda: live[0] == 0, delay_s=1.0, max_wait_s=1.6)
+
+    async def trims(n: int) -> None:
+        async with asyncio.timeout(10):
+            while trimmer.trims < n:
+                await asyncio.sleep(0.02)
+
+    try:
+        for _ in range(3):  # a burst of calls ending: one trim, after the last of them
+            trimmer.call_ended()
+            await asyncio.sleep(0.05)
+        assert trimmer.trims == 0
+        await trims(1)
+        assert trimmer.last_collect_ms is None  # a call is still up: no collection
+        live[0] = 0
+        trimmer.call_ended()
+        await trims(2)
+        assert trimmer.last_collect_ms is not None
+        # Calls that keep ending still get a trim, at most max_wait_s after the first of them.
+        for _ in range(15):
+            trimmer.call_ended()
+            await asyncio.sleep(0.2)
+        assert trimmer.trims >= 3
+    finally:
+        await trimmer.aclose()

@@ -93,9 +93,9 @@ async def test_silence_and_noise_give_no_words_in_the_short_window(stt: WhisperS
 async def test_a_window_too_short_for_whisper_falls_back_instead_of_repeating_itself(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    # A 3 s window makes tiny.en loop ("What time is it? What time is it? ..."); the loop is
+    # A 3.3 s window makes tiny.en loop ("What time is it? What time is it? ..."); the loop is
     # caught and the turn is transcribed again in the full window.
-    tiny_window = WhisperStt(window_s=3.0)
+    tiny_window = WhisperStt(window_s=3.3)
     try:
         paths = Paths(tiny_window, monkeypatch)
         text = "What time is it?"

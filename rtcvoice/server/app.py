@@ -14,6 +14,7 @@ from aiohttp import web
 
 from .. import __version__
 from ..engines import Engines, load_engines
+from ..native_memory import MallocTrimmer
 from ..settings import Settings
 from ..store import create_store
 from ..transports.realtime import RealtimePeer
@@ -143,12 +144,15 @@ async def _sessions_ctx(app: web.Application) -> AsyncIterator[None]:
         connect_timeout_s=settings.ice_connect_timeout_s,
     )
     app[SESSIONS] = registry
+    trimmer = MallocTrimmer(idle=lambda: len(registry) == 0)
+    registry.on_close.append(lambda _session, _reason: trimmer.call_ended())
     watch_sessions(app)
     yield
     # on_shutdown (_end_calls) has ended the calls; this ends any that a socket still open then
     # (Socket.IO) started since, before the store and engines they use close (cleanup contexts
     # unwind in reverse order).
     await close_calls(app, "server_shutdown")
+    await trimmer.aclose()
 
 
 async def _end_calls(app: web.Application) -> None:
@@ -192,6 +196,7 @@ async def status(request: web.Request) -> web.Response:
             "engines": {"stt": engines.stt.name, "agent": engines.agent.name, "tts": engines.tts.name},
             "process": process_stats(),
             "late_frames": request.app[SESSIONS].late_frames,
+            "concealed_ms": request.app[SESSIONS].concealed_ms,
             "node": request.app[NODE].status(),
         }
     )

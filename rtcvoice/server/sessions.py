@@ -29,6 +29,9 @@ class Peer(Protocol):
     @property
     def late_frames(self) -> int: ...
 
+    @property
+    def concealed_ms(self) -> float: ...
+
     async def close(self, reason: str = "ended") -> None: ...
 
 
@@ -54,6 +57,7 @@ class SessionRegistry:
         self._ended: OrderedDict[str, tuple[str | None, str]] = OrderedDict()
         self._watchers: dict[str, asyncio.Task[None]] = {}
         self._late_frames_closed = 0
+        self._concealed_ms_closed = 0.0
         # Prefix of the ids this registry makes: in a cluster, the node's id, so any node can find
         # a call's node from its id alone while the cluster registry is unreachable.
         self.id_prefix = ""
@@ -67,6 +71,12 @@ class SessionRegistry:
         """Outbound frames sent later than their 20 ms slot (a gap the caller hears), all calls."""
         live = sum(s.peer.late_frames for s in self._sessions.values() if s.peer is not None)
         return self._late_frames_closed + live
+
+    @property
+    def concealed_ms(self) -> float:
+        """Inbound audio concealed for packets the network lost, all calls."""
+        live = sum(s.peer.concealed_ms for s in self._sessions.values() if s.peer is not None)
+        return round(self._concealed_ms_closed + live, 1)
 
     def __len__(self) -> int:
         return len(self._sessions)
@@ -128,6 +138,7 @@ class SessionRegistry:
             watcher.cancel()
         if session.peer is not None:
             self._late_frames_closed += session.peer.late_frames
+            self._concealed_ms_closed += session.peer.concealed_ms
             await session.peer.close(reason)
         if session.recorder is not None:
             await session.recorder.aclose()  # every message the call produced is written

@@ -28,6 +28,10 @@ log = logging.getLogger(__name__)
 MAX_MISORDER = 100
 # The audio frames aiortc's own receiver holds before decoding.
 AIORTC_FRAMES = 4
+# An adaptive buffer (jitter_frames -1) grows up to this many frames (80 ms, aiortc's own depth),
+# and gives a frame back after this many packets in order (10 s of 20 ms packets).
+ADAPTIVE_MAX_FRAMES = 4
+QUIET_PACKETS = 500
 # An Opus packet holds at most 120 ms (48 frames, RFC 6716 section 3.2.5); longer gaps are
 # concealed for their last 120 ms less the frame that ends them.
 OPUS_RATE = 48000
@@ -74,13 +78,32 @@ class ReorderBuffer:
     have piled up, then drops the oldest to make room: one lost packet took several good frames
     after it with it (test_packet_loss.py), which is why raising the buffer once made recognition
     on a lossy network worse rather than better.
+
+    With ``adaptive_max`` the depth follows the network, as browsers' NetEQ does: it starts at
+    ``depth`` (0: each packet decoded on arrival, no delay), grows at once to how late the latest
+    out-of-order packet came (up to ``adaptive_max``), and after ``quiet_packets`` packets in
+    order shrinks by one frame, by releasing two frames as one Opus packet (no audio is dropped
+    to shrink). On a clean network it costs nothing; on one that reorders, late packets are put
+    in place instead of being concealed (bench/README.md, Lossy networks).
     """
 
-    def __init__(self, depth: int) -> None:
+    def __init__(
+        self,
+        depth: int,
+        *,
+        adaptive_max: int | None = None,
+        quiet_packets: int = QUIET_PACKETS,
+        is_opus: Callable[[int], bool] = lambda _pt: True,
+    ) -> None:
         self.depth = depth
+        self.adaptive_max = adaptive_max
+        self.quiet_packets = quiet_packets
+        self.is_opus = is_opus  # only Opus frames are joined to shrink the buffer
+        self.deepest = depth  # the deepest the buffer has been
         self._held: dict[int, Any] = {}  # extended (unwrapped) sequence number -> packet
         self._newest: tuple[int, int] | None = None  # (sequence number, extended)
         self._released = -1  # the extended sequence number released last
+        self._in_order = 0  # packets in order since the last one that came late
 
     def add(self, packet: Any) -> tuple[bool, JitterFrame | None]:
         seq = int(packet.sequence_number)
@@ -92,6 +115,8 @@ class ReorderBuffer:
             if ext < newest_ext - MAX_MISORDER:  # a restarted stream: start over
                 self._held.clear()
                 self._released, ext = -1, seq
+            elif self.adaptive_max is not None:
+                self._adapt(newest_ext - ext)
         if ext <= self._released or ext in self._held:
             return False, None  # its moment has passed (concealed), or a duplicate
         self._held[ext] = packet
@@ -101,8 +126,45 @@ class ReorderBuffer:
             return False, None
         oldest = min(self._held)
         out = self._held.pop(oldest)
+        data = out._data
+        # (Only right after the frame released last: a gap before it is concealed frame by frame.)
+        if len(self._held) > self.depth and oldest + 1 in self._held and oldest == self._released + 1:
+            # Shrinking: this frame and the next leave together, so no audio is lost.
+            after = self._held[oldest + 1]
+            joined = self._joined(out, after)
+            if joined is not None:
+                del self._held[oldest + 1]
+                oldest, data = oldest + 1, joined
         self._released = oldest
-        return False, JitterFrame(data=out._data, timestamp=out.timestamp)
+        return False, JitterFrame(data=data, timestamp=out.timestamp)
+
+    def _adapt(self, late_by: int) -> None:
+        assert self.adaptive_max is not None
+        if late_by > 0:  # came after a newer packet: the depth it needed to be in time
+            self._in_order = 0
+            if late_by > self.depth:
+                self.depth = min(self.adaptive_max, late_by)
+                self.deepest = max(self.deepest, self.depth)
+            return
+        self._in_order += 1
+        if self._in_order >= self.quiet_packets and self.depth > 0:
+            self.depth -= 1
+            self._in_order = 0
+
+    def _joined(self, first: Any, second: Any) -> bytes | None:
+        """Two consecutive one-frame Opus packets of the same configuration as one packet."""
+        a: bytes = first._data
+        b: bytes = second._data
+        if not (a and b and self.is_opus(int(first.payload_type))) or a[0] != b[0] or a[0] & 3:
+            return None
+        if uint32_add(first.timestamp, _FRAME_SAMPLES[a[0] >> 3]) != second.timestamp:
+            return None
+        n = len(a) - 1
+        if n > 1275:
+            return None
+        # Code 3, VBR, two frames: the first frame's length (RFC 6716 section 3.2.1), then both.
+        size = bytes([n]) if n < 252 else bytes([252 + (n & 3), (n - 252 - (n & 3)) >> 2])
+        return bytes([a[0] | 3, 0x80 | 2]) + size + a[1:] + b[1:]
 
 
 class ConcealingBuffer:
@@ -167,7 +229,8 @@ class ArrivalOrderBuffer:
 
 
 def set_jitter_buffer(receiver: Any, frames: int | None) -> ConcealingBuffer | None:
-    """Hold ``frames`` inbound audio frames before decoding; 0: none; None: aiortc's 4 (80 ms).
+    """Hold ``frames`` inbound audio frames before decoding; 0: none; None: aiortc's 4 (80 ms);
+    negative: adaptive, from 0 up to ADAPTIVE_MAX_FRAMES as the network reorders packets.
 
     A frame is released once ``frames`` newer ones have arrived, so each costs 20 ms of
     voice-to-voice latency and buys tolerance to packet reordering. aiortc has no setting for
@@ -181,12 +244,19 @@ def set_jitter_buffer(receiver: Any, frames: int | None) -> ConcealingBuffer | N
         return None
     if frames is None:
         frames = AIORTC_FRAMES
-    inner = ArrivalOrderBuffer() if frames <= 0 else ReorderBuffer(frames)
     codecs: dict[int, Any] = getattr(receiver, "_RTCRtpReceiver__codecs", {})
 
     def is_opus(payload_type: int) -> bool:
         codec = codecs.get(payload_type)
         return codec is not None and str(codec.name).lower() == "opus"
+
+    inner: ArrivalOrderBuffer | ReorderBuffer
+    if frames < 0:
+        inner = ReorderBuffer(0, adaptive_max=ADAPTIVE_MAX_FRAMES, is_opus=is_opus)
+    elif frames == 0:
+        inner = ArrivalOrderBuffer()
+    else:
+        inner = ReorderBuffer(frames)
 
     buffer = ConcealingBuffer(inner, is_opus)
     setattr(receiver, name, buffer)

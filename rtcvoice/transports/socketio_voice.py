@@ -46,6 +46,7 @@ class SocketIoPeer:
         self._tasks: list[asyncio.Task[None]] = []
         self._closed = False
         self.late_frames = 0  # no audio goes out
+        self.concealed_ms = 0.0  # audio comes whole over TCP
         self._failed_turns: set[str] = set()
 
     def start(self) -> None:

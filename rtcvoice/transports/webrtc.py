@@ -102,6 +102,11 @@ class WebRtcPeer:
     def late_frames(self) -> int:
         return self.track.late_frames
 
+    @property
+    def concealed_ms(self) -> float:
+        """Inbound audio the decoder made up for packets lost on the way (ConcealingBuffer)."""
+        return self._inbound.concealed / 48.0 if self._inbound is not None else 0.0
+
     # -- signaling --------------------------------------------------------------------------------
     async def answer(self, sdp: str, type_: str = "offer") -> RTCSessionDescription:
         if type_ != "offer":

@@ -157,6 +157,10 @@ class WebSocketPeer:
     def late_frames(self) -> int:
         return self.sink.late_frames if self.sink is not None else 0
 
+    @property
+    def concealed_ms(self) -> float:
+        return 0.0  # a TCP stream loses nothing to conceal
+
     def _send_event(self, event: dict[str, Any]) -> None:
         self._outbox.put_nowait(json.dumps(event, separators=(",", ":")))
 
