@@ -290,6 +290,12 @@ async def test_a_vanished_peer_is_dropped_within_the_timeout(start_server: Serve
     await client.connect()
     gone_after = await vanish(url, client)
     assert gone_after >= 1.5  # not before the timeout: a brief silence is not a vanished peer
+    # And it is recorded (and counted in /metrics) as what it was, not as the client hanging up.
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(f"{url}{API}/session/end", json={"session_id": client.session_id}) as resp,
+    ):
+        assert (await resp.json())["reason"] == "peer_timeout"
 
 
 async def test_a_vanished_peer_is_dropped_on_time_though_its_audio_is_read_late(

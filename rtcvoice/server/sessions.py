@@ -25,6 +25,7 @@ class Peer(Protocol):
 
     connected: asyncio.Event
     done: asyncio.Event
+    end_reason: str | None  # the reason it closed itself with (a watchdog's peer_timeout, idle)
 
     @property
     def late_frames(self) -> int: ...
@@ -168,7 +169,10 @@ class SessionRegistry:
             await self.end(session.id, "ice_timeout")
             return
         await peer.done.wait()
-        await self.end(session.id, "peer_closed")
+        # Closed from its side: by its own watchdog (which says why), or by the client going.
+        await self.end(
+            session.id, peer.end_reason if peer.end_reason not in (None, "ended") else "peer_closed"
+        )
 
 
 def session_for(registry: SessionRegistry, session_id: str, user_id: str | None) -> VoiceSession:

@@ -55,9 +55,19 @@ async def watchdog(
     end: Callable[[str], Awaitable[None]],
 ) -> None:
     """End the call (``end(reason)``) at the first limit it crosses; runs until cancelled or ended."""
+    wait = WATCH_INTERVAL_S
     while True:
-        await asyncio.sleep(WATCH_INTERVAL_S)
+        await asyncio.sleep(wait)
         now = time.monotonic()
+        # Wake at the next deadline rather than up to an interval after it (a vanished peer was
+        # reaped up to 0.5 s after --peer-timeout-s); still every interval, since a deadline
+        # moves whenever the peer is heard.
+        due = min(
+            started + limits.max_call_s,
+            last_heard() + limits.peer_timeout_s,
+            last_activity() + limits.idle_timeout_s,
+        )
+        wait = min(WATCH_INTERVAL_S, max(0.02, due - now))
         if now - started >= limits.max_call_s:
             reason = "max_call_length"
         elif now - last_heard() >= limits.peer_timeout_s:

@@ -113,6 +113,7 @@ class RealtimePeer:
         self.sink = ImmediateSink(self._send_audio)
         self.conversation = make_conversation(self.sink, self._translate)
         self._closed = False
+        self.end_reason: str | None = None  # why it closed, once it has (the registry records it)
         self._writer: asyncio.Task[None] | None = None
 
     @property
@@ -308,6 +309,7 @@ class RealtimePeer:
         if self._closed:
             return
         self._closed = True
+        self.end_reason = reason
         await self.conversation.aclose()
         self._outbox.put_nowait(None)
         if self._writer is not None:

@@ -45,6 +45,7 @@ class SocketIoPeer:
         self.done = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._closed = False
+        self.end_reason: str | None = None  # why it closed, once it has (the registry records it)
         self.late_frames = 0  # no audio goes out
         self.concealed_ms = 0.0  # audio comes whole over TCP
         self._failed_turns: set[str] = set()
@@ -119,6 +120,7 @@ class SocketIoPeer:
         if self._closed:
             return
         self._closed = True
+        self.end_reason = reason
         await self.conversation.aclose()
         self._outbox.put_nowait(("voice-session-ended", {"sessionId": self.session_id, "reason": reason}))
         self._outbox.put_nowait(None)

@@ -84,6 +84,7 @@ class WebRtcPeer:
         self._inbox: asyncio.Queue[str | bytes] = asyncio.Queue(maxsize=MAX_INBOUND_EVENTS)
         self._tasks: set[asyncio.Task[Any]] = set()
         self._closed = False
+        self.end_reason: str | None = None  # why it closed, once it has (the registry records it)
         self.connected = asyncio.Event()
         self.done = asyncio.Event()
         self.limits = limits or CallLimits()
@@ -267,6 +268,7 @@ class WebRtcPeer:
         if self._closed:
             return
         self._closed = True
+        self.end_reason = reason
         await self._say_goodbye(reason)
         current = asyncio.current_task()
         tasks = [t for t in self._tasks if t is not current]

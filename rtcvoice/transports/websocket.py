@@ -150,6 +150,7 @@ class WebSocketPeer:
         self.done = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._closed = False
+        self.end_reason: str | None = None  # why it closed, once it has (the registry records it)
         self.limits = limits or CallLimits()
         self._rate = RateLimiter(self.limits.event_rate_per_s, self.limits.event_burst)
 
@@ -235,6 +236,7 @@ class WebSocketPeer:
         if self._closed:
             return
         self._closed = True
+        self.end_reason = reason
         await self.conversation.aclose()
         self._send_event({"type": "session.ended", "session_id": self.session_id, "reason": reason})
         # Let what is already queued (the last events of the call) reach the client.
