@@ -137,14 +137,28 @@ async def run_call(
     turns: list[Turn] = []
     try:
         await client.connect()
-        for n, (text, pcm, rate) in enumerate(questions, start=1):
-            client.play(pcm, rate)
-            end = await client.wait_count("end_of_response", n, 180)
-            await asyncio.sleep(0.3)
-            turns.append(_turn_from(client, n, text, end, concurrency, index))
+        await ask(client, questions, turns, concurrency=concurrency, index=index, timeout=180)
     finally:
         await client.close()
     return turns
+
+
+async def ask(
+    client: VoiceCallClient,
+    questions: list[tuple[str, Int16Audio, int]],
+    turns: list[Turn],
+    *,
+    concurrency: int,
+    index: int,
+    timeout: float,
+) -> None:
+    """Speak each question on a connected call and add its turn to ``turns`` once answered
+    (TimeoutError if one is not answered within ``timeout``: ``turns`` holds those that were)."""
+    for n, (text, pcm, rate) in enumerate(questions, start=1):
+        client.play(pcm, rate)
+        end = await client.wait_count("end_of_response", n, timeout)
+        await asyncio.sleep(0.3)
+        turns.append(_turn_from(client, n, text, end, concurrency, index))
 
 
 def _turn_from(

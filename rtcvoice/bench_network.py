@@ -43,8 +43,8 @@ from .bench import (
     Turn,
     _read_text,
     _status,
-    _turn_from,
     _write_text,
+    ask,
     serve_args_of,
     synthesize_questions,
 )
@@ -220,20 +220,12 @@ async def _impaired_call(
 ) -> CallResult:
     client = VoiceCallClient(server, jitter_frames=CALLER_JITTER_FRAMES)
     turns: list[Turn] = []
-    failed: list[str] = []
     before = (await asyncio.to_thread(_status, server)).get("concealed_ms", 0.0)
     async with _netem(imp) as tally:
         try:
             await client.connect(timeout=40)
-            for n, (text, pcm, rate) in enumerate(questions, start=1):
-                client.play(pcm, rate)
-                try:
-                    end = await client.wait_count("end_of_response", n, 60)
-                except TimeoutError:
-                    failed.append(text)
-                    break
-                await asyncio.sleep(0.3)
-                turns.append(_turn_from(client, n, text, end, 1, 0))
+            with contextlib.suppress(TimeoutError):  # that question and the rest count as failed
+                await ask(client, questions, turns, concurrency=1, index=0, timeout=60)
         finally:
             inbound = client.inbound
             await client.close()
@@ -242,7 +234,7 @@ async def _impaired_call(
     received = client.received
     chunks = [c.size for c in received.chunks]
     call_s = (received.times[-1] - received.times[0] + FRAME_S) if len(received.times) > 1 else 0.0
-    for text in failed:
+    for text, _pcm, _rate in questions[len(turns) :]:
         turns.append(Turn(concurrency=1, call=0, question=text, ms={}))
     return CallResult(
         condition=imp.label(),
