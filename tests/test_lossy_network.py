@@ -86,8 +86,10 @@ async def test_calls_over_3_and_10_percent_loss_with_jitter_keep_their_words_and
         assert row["turns"] == len(QUESTIONS) and row["failed_turns"] == 0, row
         assert all(t["client_voice_to_voice"] is not None for t in row["per_turn"]), row
         # A frame lost on the way to the caller is a frame of concealment, never a hole that
-        # shortens the reply and brings the rest of it early (3% holes would read 0.97).
-        assert row["received_per_call_s"] >= 0.995, row
+        # shortens the reply and brings the rest of it early (holes would read 0.97 at 3% loss,
+        # 0.90 at 10%). Not 1.0: a call's last frame or two lost are missed by nothing after them
+        # (CI read 0.9949 once at 10%).
+        assert row["received_per_call_s"] >= 0.98, row
     assert clean["dropped"] == clean["server_concealed_s"] == clean["concealed_s"] == 0
     for row, loss in ((lossy, 0.03), (lossier, 0.10)):
         assert loss / 2 < row["dropped"] / row["packets"] < loss * 2, row  # the network did lose

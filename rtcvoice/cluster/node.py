@@ -74,6 +74,7 @@ class ClusterNode:
         self._sent: dict[str, list[float]] = {}
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
 
     # -- state -------------------------------------------------------------------------------------
     @property
@@ -148,9 +149,16 @@ class ClusterNode:
         """Leave the registry (ended sessions written first); idempotent."""
         task, self._task = self._task, None
         if task is not None:
+            # The flag and the wake end the loop even if its cancellation is lost below it (see
+            # _heartbeat); the bound keeps a registry client stuck in a call from holding up exit.
+            self._stopping = True
+            self._wake.set()
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            done, _ = await asyncio.wait({task}, timeout=self.heartbeat_s * 2 + 1)
+            if not done:
+                log.warning("node %s: the registry heartbeat did not stop; leaving it", self.id)
+            elif not task.cancelled() and task.exception() is not None:
+                log.warning("node %s: the registry heartbeat failed: %r", self.id, task.exception())
         if self.backend is None:
             return
         try:
@@ -319,8 +327,9 @@ class ClusterNode:
 
     async def _heartbeat(self) -> None:
         assert self.backend is not None
+        me = asyncio.current_task()
         refreshed = time.monotonic()
-        while True:
+        while not self._stopping:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.heartbeat_s):
                     await self._wake.wait()
@@ -339,6 +348,10 @@ class ClusterNode:
                 self.registry_ok = True
             except (RegistryError, TimeoutError) as exc:
                 self._registry_failed(exc)
+            if me is not None and me.cancelling():
+                # A registry client caught our CancelledError mid-command and returned (seen with
+                # redis-py under load): the loop would go on, and the shutdown waiting on it hang.
+                raise asyncio.CancelledError
             await asyncio.sleep(0.05)  # a burst of changes publishes once, not once per change
 
     def _registry_failed(self, exc: BaseException) -> None:
