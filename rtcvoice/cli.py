@@ -161,10 +161,15 @@ def _worker_threads(settings: Settings, workers: int) -> tuple[str, ...]:
 
 
 async def _preflight(settings: Settings) -> None:
-    """Reach the thread store and the cluster registry before minutes of model loading: a wrong
-    database_url or cluster_url is reported at once (StoreError, RegistryError)."""
+    """Reach the thread store and the cluster registry, and load the tools, before minutes of model
+    loading: a wrong database_url, cluster_url or tool setting is reported at once (StoreError,
+    RegistryError, ToolConfigError)."""
     from .cluster.backends import open_backend
     from .store import create_store
+    from .tools import Toolbox
+
+    tools = await Toolbox.load(settings)
+    await tools.aclose()
 
     store = create_store(settings)
     await store.open()
@@ -188,6 +193,7 @@ async def _serve(settings: Settings, *, worker_port: int = 0) -> int:
     from .server.nodes import RegistryError, check_node_url, drain
     from .server.urls import check_public_url
     from .store import StoreError
+    from .tools import ToolConfigError
 
     try:
         # Settings that cannot work stop the server before minutes of model loading.
@@ -198,7 +204,7 @@ async def _serve(settings: Settings, *, worker_port: int = 0) -> int:
         return 2
     try:
         await _preflight(settings)
-    except (StoreError, RegistryError) as exc:
+    except (StoreError, RegistryError, ToolConfigError) as exc:
         print(f"rtcvoice: cannot start: {exc}", file=sys.stderr)
         return 2
     try:
@@ -215,8 +221,8 @@ async def _serve(settings: Settings, *, worker_port: int = 0) -> int:
     app = create_app(settings, engines=engines)
     runner = web.AppRunner(app, access_log=None)
     try:
-        await runner.setup()  # opens the thread store, registers with the cluster
-    except (StoreError, RegistryError) as exc:
+        await runner.setup()  # opens the thread store, loads the tools, registers with the cluster
+    except (StoreError, RegistryError, ToolConfigError) as exc:
         await engines.aclose()
         print(f"rtcvoice: cannot start: {exc}", file=sys.stderr)
         return 2

@@ -283,6 +283,42 @@ class Settings:
     llm_threads: int = _opt(0, "CPU threads for the local LLM (0: all cores).")
     webhook_url: str = _opt("", "URL of your backend for agent=webhook (POST, JSON in, text/SSE/JSON out).")
     webhook_token: str = _opt("", "Bearer token sent to the webhook.")
+    # -- tools (README "Tools") ------------------------------------------------------------------
+    tools: str = _opt(
+        "",
+        "Comma-separated Python tools the AI may call: package.module:NAME (a function, a Tool or a "
+        "list of them), or the name of an installed tool pack (entry-point group rtcvoice.tools).",
+    )
+    tools_url: str = _opt(
+        "",
+        "Your backend's tool endpoint: GET lists its tools (OpenAI format), POST runs one (README "
+        '"Tools"). Empty: none.',
+    )
+    tools_token: str = _opt("", "Bearer token sent to tools_url (empty: the webhook_token).")
+    mcp_servers: str = _opt(
+        "",
+        "Semicolon-separated MCP servers whose tools the AI may call: a command run over stdio "
+        "(python -m my_tools) or a streamable-HTTP URL. Needs the mcp extra.",
+    )
+    builtin_tools: str = _opt(
+        "", "Comma-separated built-in tools to offer: end_call (the AI may hang up), current_time."
+    )
+    tool_timeout_s: float = _opt(10.0, "A tool that takes longer is stopped; the model is told it timed out.")
+    tool_filler_ms: float = _opt(
+        700.0,
+        "When a tool has run this long and the AI has said nothing yet, it says tool_filler (0: never).",
+    )
+    tool_filler: str = _opt("One moment.", "What the AI says while a slow tool runs.")
+    max_tool_calls_per_turn: int = _opt(
+        8, "Tool calls one reply may make; more are answered with an error instead of run."
+    )
+    max_tool_steps: int = _opt(
+        4, "Model round trips with tool calls in one reply; then it must answer with what it has."
+    )
+    max_tool_result_chars: int = _opt(4000, "A tool's result is cut to this many characters for the model.")
+    timezone: str = _opt(
+        "", "The callers' IANA time zone (Europe/Paris) for current_time, unless a session sets its own."
+    )
     system_prompt: str = _opt(
         "You are a helpful voice assistant on a phone call. Answer in one or two short spoken sentences. "
         "Do not use lists, markdown or emoji.",

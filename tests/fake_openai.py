@@ -15,12 +15,24 @@ import json
 import re
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
 from aiohttp import web
 
-Reply = str | Callable[[list[dict[str, Any]]], str]
+
+@dataclass
+class ToolCalls:
+    """A reply that asks for tools: ``calls`` are (name, arguments) pairs, streamed as OpenAI
+    streams them (each call's id and name first, then its JSON arguments in small pieces), after
+    ``text`` if any; ``finish_reason`` is ``tool_calls``. ``raw`` gives arguments as written."""
+
+    calls: list[tuple[str, dict[str, Any] | str]]
+    text: str = ""
+
+
+Reply = str | Callable[[list[dict[str, Any]]], "str | ToolCalls"]
 
 FAULTS = ("500", "garbage", "hang", "slow_first_token")
 SLOW_FIRST_TOKEN_S = 10.0
@@ -163,11 +175,22 @@ class FakeOpenAI:
             await resp.write(chunk({"role": "assistant", "content": ""}))
             if self.fault == "slow_first_token":
                 await self._pause(SLOW_FIRST_TOKEN_S)
-            for i, token in enumerate(split_tokens(text)):
+            calls = text if isinstance(text, ToolCalls) else None
+            for i, token in enumerate(split_tokens(calls.text if calls is not None else text)):
                 if i and self.token_delay:
                     await asyncio.sleep(self.token_delay)
                 await resp.write(chunk({"content": token}))
-            await resp.write(chunk({}, "stop"))
+            for index, (name, arguments) in enumerate(calls.calls if calls is not None else []):
+                self._counter += 1
+                head = {"index": index, "id": f"call_{self._counter}", "type": "function"}
+                await resp.write(
+                    chunk({"tool_calls": [{**head, "function": {"name": name, "arguments": ""}}]})
+                )
+                written = arguments if isinstance(arguments, str) else json.dumps(arguments)
+                for start in range(0, len(written), 7):
+                    piece = {"index": index, "function": {"arguments": written[start : start + 7]}}
+                    await resp.write(chunk({"tool_calls": [piece]}))
+            await resp.write(chunk({}, "tool_calls" if calls is not None and calls.calls else "stop"))
             if (body.get("stream_options") or {}).get("include_usage"):
                 usage = {
                     "id": ident,
@@ -196,7 +219,9 @@ class FakeOpenAI:
             closing.cancel()
 
 
-def _usage(messages: list[dict[str, Any]], text: str) -> dict[str, int]:
+def _usage(messages: list[dict[str, Any]], text: str | ToolCalls) -> dict[str, int]:
+    if isinstance(text, ToolCalls):
+        text = text.text + json.dumps(text.calls)
     prompt = sum(len(str(m.get("content", "")).split()) for m in messages)
     completion = len(split_tokens(text))
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}

@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 from aiohttp import web
 from conftest import BASE_SETTINGS, ServerFactory, echo_agent, openai_agent
-from fake_openai import FakeOpenAI
+from fake_openai import FakeOpenAI, ToolCalls
 from playwright.async_api import BrowserContext, Page, Playwright, async_playwright, expect
 from speech import speak, wer
 
@@ -716,3 +716,39 @@ async def test_an_agent_failure_mid_call_is_explained_and_the_call_goes_on(
             "I am back.", timeout=60_000
         )
         await expect(call.page.locator("#status")).to_have_attribute("data-state", "listening")
+
+
+async def test_a_tool_the_page_registers_is_called_by_the_ai_run_in_the_page_and_shown(
+    pw: Playwright, start_server: ServerFactory, fake_openai: FakeOpenAI, silence_wav: Path
+) -> None:
+    def model(messages: list[dict[str, Any]]) -> str | ToolCalls:
+        if messages[-1]["role"] == "tool":
+            return "Done, the page is " + json.loads(messages[-1]["content"])["color"] + " now."
+        return ToolCalls([("set_color", {"color": "blue"})])
+
+    fake_openai.reply = model
+    url = await start_server(agent=openai_agent(fake_openai))
+    async with chromium(pw, silence_wav) as context:
+        call = await CallPage.open(context, url + "/")
+        await call.page.click("#call")
+        await call.expect_state("listening")
+        await call.page.evaluate(
+            """() => window.rtcvoiceDemo.call.setTools({
+                set_color: {
+                    description: "Paint the page.",
+                    parameters: {type: "object", properties: {color: {type: "string"}}, required: ["color"]},
+                    run: (args) => { document.body.dataset.color = args.color; return {color: args.color}; },
+                },
+            })"""
+        )
+        await call.page.fill("#text", "Make it blue.")
+        await call.page.press("#text", "Enter")
+        await expect(call.page.locator(".entry.assistant.final .text").last, str(call)).to_have_text(
+            "Done, the page is blue now.", timeout=60_000
+        )
+        assert await call.page.evaluate("document.body.dataset.color") == "blue"
+        tool = call.page.locator(".entry.tool .text")
+        await expect(tool, str(call)).to_have_text('set_color({"color":"blue"}) → {"color": "blue"}')
+        assert not call.page_errors, str(call)
+    offered = [t["function"]["name"] for t in fake_openai.requests[0]["tools"]]
+    assert offered == ["set_color"]

@@ -146,6 +146,28 @@ def test_a_bad_ice_setting_stops_serve_with_one_line_before_any_model_loads(
     assert fix in proc.stderr, proc.stderr
 
 
+@pytest.mark.parametrize(
+    ("argv", "fix"),
+    [
+        (["--tools", "no_such_module:TOOLS"], "cannot import no_such_module"),
+        (["--tools", "not_installed_pack"], "no installed tool pack of that name"),
+        (["--builtin-tools", "end_call,teleport"], "unknown built-in tools ['teleport']"),
+        (["--tools-url", "http://127.0.0.1:9/tools"], "cannot list its tools"),
+    ],
+)
+def test_a_bad_tool_setting_stops_serve_before_any_model_loads(argv: list[str], fix: str) -> None:
+    proc = subprocess.run(
+        [*RTCVOICE, "serve", "--port", str(free_port()), *argv],
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "rtcvoice: cannot start: " in proc.stderr and fix in proc.stderr, proc.stderr
+    assert "engines ready" not in proc.stderr, proc.stderr
+
+
 def test_serve_help_documents_every_setting() -> None:
     proc = subprocess.run([*RTCVOICE, "serve", "--help"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0

@@ -334,7 +334,8 @@ function renderTranscript(entries) {
     li.dataset.source = entry.source;
     const who = document.createElement("span");
     who.className = "who";
-    who.textContent = entry.role === "user" ? (entry.source === "text" ? "You (typed)" : "You") : "AI";
+    who.textContent =
+      entry.role === "user" ? (entry.source === "text" ? "You (typed)" : "You") : entry.role === "tool" ? "Tool" : "AI";
     const text = document.createElement("span");
     text.className = "text";
     text.textContent = entry.text || (entry.role === "user" ? "…" : "");

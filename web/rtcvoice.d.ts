@@ -63,6 +63,36 @@ export interface SessionUpdatedEvent extends ServerEventBase {
   model: string | null;
   temperature: number | null;
   max_tokens: number | null;
+  /** The caller's IANA time zone, for the current_time tool; null for the server's. */
+  timezone: string | null;
+}
+
+/** The AI calls a tool (README "Tools"). `client`: this page runs it (a tool given in `tools`). */
+export interface ToolCallEvent extends ServerEventBase {
+  type: "tool_call";
+  id: string;
+  name: string;
+  /** The model's arguments (the raw text where they were not JSON). */
+  arguments: Record<string, unknown> | string;
+  client: boolean;
+}
+
+/** A tool call's outcome: `summary` is the start of its result, the error, or "cancelled". */
+export interface ToolResultEvent extends ServerEventBase {
+  type: "tool_result";
+  id: string;
+  name: string;
+  ok: boolean;
+  summary: string;
+}
+
+/** A tool this page runs for the AI. */
+export interface BrowserTool {
+  description?: string;
+  /** JSON schema of the arguments object (default: no arguments). */
+  parameters?: Record<string, unknown>;
+  /** Its result (any JSON) goes to the AI; an error thrown is reported to it instead. */
+  run(args: Record<string, unknown>, context: { id: string; call: VoiceCall }): unknown;
 }
 
 export interface StateEvent extends ServerEventBase {
@@ -124,6 +154,8 @@ export interface AiTextEvent extends ServerEventBase {
   type: "ai_text";
   turn_id: string;
   text: string;
+  /** Said while a slow tool runs ("One moment."), not written by the model. */
+  filler?: boolean;
 }
 
 export interface EndOfResponseEvent extends ServerEventBase {
@@ -204,6 +236,8 @@ export type ServerEvent =
   | PlaybackResumedEvent
   | MetricsEvent
   | ServerErrorEvent
+  | ToolCallEvent
+  | ToolResultEvent
   | PongEvent;
 
 // ---- client events ------------------------------------------------------------------------------
@@ -214,6 +248,8 @@ export interface SessionUpdate {
   language?: string;
   /** 0.5 to 2.0 */
   speed?: number;
+  /** IANA name ("Europe/Paris"): where the caller is, for the current_time tool. */
+  timezone?: string;
 }
 
 export type ClientEvent =
@@ -224,7 +260,9 @@ export type ClientEvent =
   /** Push-to-talk: the user is done, end the turn without waiting for the silence. */
   | { type: "end_of_input" }
   /** Carry on in another thread (its history becomes the conversation's). */
-  | { type: "set_thread"; thread_id: string };
+  | { type: "set_thread"; thread_id: string }
+  /** The answer to a tool_call with `client: true` (sent for you for the tools given in `tools`). */
+  | { type: "tool_result"; id: string; result?: unknown; error?: string };
 
 // ---- errors -------------------------------------------------------------------------------------
 
@@ -397,6 +435,8 @@ export interface ConnectOptions {
   iceGatheringTimeoutMs?: number;
   /** Hang up when the page is closed or navigated away (default true). */
   endOnPageHide?: boolean;
+  /** Tools this page runs for the AI, by name (README "Tools"); see also `setTools`. */
+  tools?: Record<string, BrowserTool>;
   /** Handlers subscribed before connecting (for `connect()`, which resolves only once connected). */
   on?: { [K in keyof VoiceCallEvents]?: (event: VoiceCallEvents[K]) => void };
 }
@@ -426,6 +466,8 @@ export interface VoiceCallEvents {
   playback_resumed: PlaybackResumedEvent;
   metrics: MetricsEvent;
   pong: PongEvent;
+  tool_call: ToolCallEvent;
+  tool_result: ToolResultEvent;
   /**
    * The AI's audio arrived (again after a reconnection): for level meters or recording. On the
    * WebSocket transport the stream is the played PCM, from the call's AudioContext.
@@ -473,6 +515,8 @@ export declare class VoiceCall {
   sendText(text: string): void;
   /** Kept across reconnections. */
   updateSession(update: SessionUpdate): void;
+  /** Replace the tools this page runs for the AI (sent to the server at once). */
+  setTools(tools: Record<string, BrowserTool>): void;
   /** Event channel (data channel or WebSocket) round trip in ms. */
   ping(timeoutMs?: number): Promise<number>;
   /** Any client event; queued (up to 50) while connecting or reconnecting. Returns whether it was sent now. */
@@ -520,13 +564,17 @@ export declare function fetchVoices(options?: {
 export interface TranscriptEntry {
   /** Stable, for list keys. */
   id: number;
-  role: "user" | "assistant";
+  /** "tool": a tool the AI called, with its result once it came (`tool`). */
+  role: "user" | "assistant" | "tool";
   text: string;
   /** false while the user is still speaking (a partial) or the AI is still answering. */
   final: boolean;
   turnId?: string;
-  /** "text" for what the user typed. */
-  source: "voice" | "text";
+  /** "text" for what the user typed; for a tool, "browser" (this page ran it) or "server". */
+  source: "voice" | "text" | "browser" | "server";
+  /** A tool entry's call: its arguments, then whether it worked and the start of its result. */
+  tool?: { name: string; arguments: unknown; ok: boolean | null; summary: string };
+  toolCallId?: string;
   /** The user talked over (or stopped) this reply. */
   interrupted?: boolean;
 }

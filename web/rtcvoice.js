@@ -608,6 +608,15 @@ class Emitter {
 
 // -- the call -----------------------------------------------------------------------------------
 
+/** Browser tools as the server takes them: { name, description, parameters } each. */
+function toolSpecs(tools) {
+  return Object.entries(tools).map(([name, tool]) => ({
+    name,
+    description: tool.description ?? "",
+    parameters: tool.parameters ?? { type: "object", properties: {} },
+  }));
+}
+
 /**
  * One voice call. Create it with `createCall()` (subscribe first, then `connect()`), or with the
  * `connect()` function, which does both and resolves once the call is up.
@@ -642,6 +651,8 @@ export class VoiceCall extends Emitter {
     this._disconnectTimer = null;
     this._pending = [];
     this._sessionPatch = {};
+    // Tools this page runs for the AI (browser tools): name → { description, parameters, run }.
+    this._tools = { ...(options.tools ?? {}) };
     this._controllers = new Set();
     this._pingId = 0;
     this._onPageHide = () => {
@@ -719,6 +730,29 @@ export class VoiceCall extends Emitter {
     const patch = { ...update };
     Object.assign(this._sessionPatch, patch);
     this.send({ type: "session.update", ...patch });
+  }
+
+  /**
+   * Give the AI tools this page runs (replacing those given before): name → { description,
+   * parameters (JSON schema of an object), run(args, call) → any JSON, or a Promise of it }.
+   * The server sends a `tool_call` with `client: true`; the result (or the error thrown) goes back.
+   */
+  setTools(tools) {
+    this._tools = { ...(tools ?? {}) };
+    this.send({ type: "session.update", tools: toolSpecs(this._tools) });
+  }
+
+  async _runTool(event) {
+    const tool = this._tools[event.name];
+    let answer;
+    try {
+      if (!tool || typeof tool.run !== "function") throw new Error(`this page has no tool ${event.name}`);
+      const result = await tool.run(event.arguments ?? {}, { id: event.id, call: this });
+      answer = { type: "tool_result", id: event.id, result: result === undefined ? null : result };
+    } catch (err) {
+      answer = { type: "tool_result", id: event.id, error: String(err?.message ?? err) };
+    }
+    this.send(answer);
   }
 
   /** Round trip over the event channel (data channel or WebSocket), in milliseconds. */
@@ -892,6 +926,8 @@ export class VoiceCall extends Emitter {
     if (this.threadId && !body.thread_id) body.thread_id = this.threadId;
     if (this._sessionPatch.voice) body.voice = this._sessionPatch.voice;
     if (this._sessionPatch.instructions) body.instructions = this._sessionPatch.instructions;
+    // Declared with the call itself, so they are there for its first turn (and again on reconnecting).
+    if (Object.keys(this._tools).length) body.tools = toolSpecs(this._tools);
     return body;
   }
 
@@ -1070,6 +1106,9 @@ export class VoiceCall extends Emitter {
         break;
       case "session.ended":
         this._endedReason = typeof event.reason === "string" ? event.reason : "ended";
+        break;
+      case "tool_call":
+        if (event.client) void this._runTool(event);
         break;
       // A sound over the AI only pauses it (playback_paused): it may resume where it stopped, so
       // what is buffered here plays on; an interrupted end_of_response drops it.
@@ -1361,6 +1400,27 @@ export class Transcript {
       case "ai_text": {
         const entry = this._assistant(event.turn_id) ?? this._push(this._newAssistant(event.turn_id));
         entry.text += event.text ?? "";
+        return true;
+      }
+      case "tool_call": {
+        const args = typeof event.arguments === "string" ? event.arguments : JSON.stringify(event.arguments ?? {});
+        this._push({
+          role: "tool",
+          text: `${event.name}(${args})`,
+          final: false,
+          turnId: event.turn_id,
+          source: event.client ? "browser" : "server",
+          toolCallId: event.id,
+          tool: { name: event.name, arguments: event.arguments, ok: null, summary: "" },
+        });
+        return true;
+      }
+      case "tool_result": {
+        const entry = this.entries.find((e) => e.role === "tool" && e.toolCallId === event.id);
+        if (!entry) return false;
+        Object.assign(entry.tool, { ok: !!event.ok, summary: event.summary ?? "" });
+        entry.text += event.ok ? ` → ${event.summary ?? ""}` : ` → failed: ${event.summary ?? ""}`;
+        entry.final = true;
         return true;
       }
       case "end_of_response": {

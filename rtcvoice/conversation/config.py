@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from ..engines.agents import check_model
 from ..engines.base import EngineError, Engines
@@ -25,6 +26,7 @@ class SessionConfig:
     model: str | None = None
     temperature: float | None = None
     max_tokens: int | None = None
+    timezone: str | None = None  # the caller's, for tools (current_time)
 
     def update(self, engines: Engines, data: dict[str, Any], *, speaks: bool) -> list[EngineError]:
         """Apply the fields of a parsed ``session.update``; returns what was refused, one error each.
@@ -67,6 +69,15 @@ class SessionConfig:
             self.temperature = float(data["temperature"])
         if "max_tokens" in data:
             self.max_tokens = int(data["max_tokens"])
+        if "timezone" in data:
+            try:
+                ZoneInfo(data["timezone"])
+            except (ZoneInfoNotFoundError, ValueError):
+                refused.append(
+                    EngineError(f"Unknown time zone {data['timezone'][:64]!r}.", code="invalid_timezone")
+                )
+            else:
+                self.timezone = data["timezone"]
         return refused
 
     def as_event(self) -> dict[str, Any]:
@@ -78,6 +89,7 @@ class SessionConfig:
             "model": self.model,
             "temperature": self.temperature,
             "max_tokens": self.max_tokens,
+            "timezone": self.timezone,
         }
 
 

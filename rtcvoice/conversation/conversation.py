@@ -30,11 +30,12 @@ from typing import Any, Literal
 import numpy as np
 
 from ..audio import STT_RATE, Int16Audio, int16_to_float
-from ..engines.base import AgentContext, ChatMessage, EngineError, Engines, PreparingAgent
+from ..engines.base import AgentContext, ChatMessage, EngineError, Engines, PreparingAgent, supports_tools
 from ..engines.languages import language_name
 from ..engines.vad import WINDOW, WINDOW_MS, VadStream
 from ..settings import Settings
 from ..telemetry.logs import turn_id_var
+from ..tools import Tool, Toolbox, ToolError, ToolInvocation
 from .config import SessionConfig
 from .endpointing import TurnPolicy, Verdict, build_policy
 from .events import ClientEvent, EventError, parse_client_event
@@ -43,6 +44,7 @@ from .interruptions import PendingInterruption, asks_for_the_floor
 from .recording import Recorder, Writes
 from .replies import APOLOGY, read_reply
 from .speaker import AudioSink, speak
+from .tool_calls import ReplyTools
 from .turns import Turn, TurnDetector, TurnEvent
 from .utterance import Utterance
 
@@ -78,6 +80,7 @@ class Conversation:
         history: list[ChatMessage] | None = None,
         recorder: Recorder | None = None,
         policy: TurnPolicy | None = None,
+        tools: Toolbox | None = None,
     ) -> None:
         self.session_id = session_id
         self.thread_id = thread_id
@@ -89,6 +92,13 @@ class Conversation:
         self._vad = vad
         self._executor = executor
         self._recorder = recorder
+        # The server's tools, and those the page declared it runs itself (session.update "tools").
+        # Offered to the agent only if it can call them (the embedded model cannot: see serve's log).
+        self.toolbox = tools
+        self.client_tools: dict[str, Tool] = {}
+        self._client_calls: dict[str, asyncio.Future[Any]] = {}  # browser tool calls awaiting the page
+        # Set by the transport: ends the call with a reason (the AI hung up: agent_hangup).
+        self.request_end: Callable[[str], None] | None = None
         self.config = SessionConfig(
             voice=settings.tts_voice or engines.tts.default_voice,
             instructions=settings.system_prompt,
@@ -518,6 +528,7 @@ class Conversation:
         """Stream the agent's reply for the turn whose user message ends ``history``."""
         messages = self._request(self.history)
         config = self.config
+        sentences: asyncio.Queue[str | None] = asyncio.Queue()
         context = AgentContext(
             self.session_id,
             self.thread_id,
@@ -526,10 +537,10 @@ class Conversation:
             model=config.model,
             temperature=config.temperature,
             max_tokens=config.max_tokens,
+            tools=self._reply_tools(turn, sentences),
         )
         self._set_state("thinking", turn)
 
-        sentences: asyncio.Queue[str | None] = asyncio.Queue()
         speaker = asyncio.create_task(self._speak(turn, sentences), name=f"speak-{turn.id}")
         failed: EngineError | None = None
 
@@ -566,6 +577,43 @@ class Conversation:
         if failed is None or turn.ai_text:
             await self._persist_reply(turn, interrupted=False)
         self._finish(turn, interrupted=False)
+
+    def _reply_tools(self, turn: Turn, sentences: asyncio.Queue[str | None]) -> ReplyTools | None:
+        tools = {**(self.toolbox.tools if self.toolbox is not None else {}), **self.client_tools}
+        if not tools or not supports_tools(self.engines.agent):
+            return None
+
+        def invocation(call_id: str) -> ToolInvocation:
+            def end_call() -> None:
+                turn.hang_up = True
+
+            return ToolInvocation(
+                call_id=call_id,
+                session_id=self.session_id,
+                thread_id=self.thread_id,
+                user_id=self.user_id,
+                timezone=self.config.timezone or self.settings.timezone or None,
+                end_call=end_call,
+            )
+
+        def say_filler(text: str) -> bool:
+            # Only before the reply has said anything: after, the caller is hearing it already.
+            if turn.ai_text:
+                return False
+            turn.ai_text += text + " "
+            self.emit("ai_text", turn, text=text + " ", filler=True)
+            sentences.put_nowait(text)
+            return True
+
+        return ReplyTools(
+            tools,
+            self.settings,
+            invocation=invocation,
+            committed=turn.committed,
+            emit=lambda type, **data: self.emit(type, turn, **data),
+            say_filler=say_filler,
+            record=turn.tool_messages,
+        )
 
     def _request(self, history: list[ChatMessage]) -> list[ChatMessage]:
         """What the agent is sent: the instructions, then the window of history that fits."""
@@ -666,6 +714,12 @@ class Conversation:
         if self._turn is turn:
             self._turn = None
         self._set_state("listening", turn)
+        if turn.hang_up and not interrupted and self.request_end is not None:
+            # The goodbye has been heard (the reply's audio has played): the AI hangs up. A caller
+            # who cut the goodbye short has more to say, so an interrupted reply does not.
+            log.info("session %s: the AI ended the call (end_call)", self.session_id)
+            self.request_end("agent_hangup")
+            return
         self._prepare_agent()
 
     async def _persist(self, message: ChatMessage, turn: Turn, **extra: Any) -> str | None:
@@ -674,6 +728,9 @@ class Conversation:
 
     async def _persist_reply(self, turn: Turn, *, interrupted: bool, said: str | None = None) -> None:
         content = turn.ai_text.strip() if said is None else said
+        # What the tools did is history the next turns need, even when nothing of the reply was heard.
+        self.history += turn.tool_messages
+        turn.tool_messages = []
         if not content:
             return
         reply: ChatMessage = {"role": "assistant", "content": content}
@@ -733,6 +790,8 @@ class Conversation:
             self.end_of_input()
         elif event.type == "set_thread":
             await self._set_thread(data["thread_id"])
+        elif event.type == "tool_result":
+            self._client_tool_result(data)
 
     def end_of_input(self) -> None:
         """The client says the user is done (push-to-talk): end the turn without waiting for silence."""
@@ -787,9 +846,56 @@ class Conversation:
         self.emit("thread.updated", thread_id=thread_id, messages=len(history))
         self._prepare_agent()
 
+    def _client_tool_result(self, data: dict[str, Any]) -> None:
+        """The page's answer to a browser tool call of this call (no other call's ids are here)."""
+        waiting = self._client_calls.get(data["id"])
+        if waiting is None or waiting.done():
+            self.emit(
+                "error", code="unknown_tool_call", message=f"No tool call {data['id'][:64]!r} is waiting."
+            )
+            return
+        if isinstance(data.get("error"), str):
+            waiting.set_exception(ToolError(data["error"][:1000]))
+        else:
+            waiting.set_result(data.get("result"))
+
+    def set_client_tools(self, specs: list[dict[str, Any]]) -> None:
+        """The tools the page runs itself (browser tools); replaces those it declared before."""
+        taken = [s["name"] for s in specs if self.toolbox is not None and s["name"] in self.toolbox.tools]
+        if taken:
+            self.emit(
+                "error",
+                code="invalid_tools",
+                message=f"The server has tools named {', '.join(taken)}; the page's tools need other names.",
+            )
+            return
+        self.client_tools = {
+            s["name"]: Tool(
+                s["name"], s["description"], s["parameters"], run=self._run_on_client, source="browser"
+            )
+            for s in specs
+        }
+        if specs and not supports_tools(self.engines.agent):
+            self.emit(
+                "error",
+                code="tools_unsupported",
+                message=f"This server's agent ({self.engines.agent.name}) cannot call tools.",
+            )
+
+    async def _run_on_client(self, arguments: dict[str, Any], call: ToolInvocation) -> Any:
+        """A browser tool: the page got the tool_call event (client: true) and answers it."""
+        answer: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._client_calls[call.call_id] = answer
+        try:
+            return await answer
+        finally:
+            self._client_calls.pop(call.call_id, None)
+
     def update_session(self, data: dict[str, Any]) -> None:
         """Apply what a client asked for; each field that cannot be served is an ``error`` event of
         its own, and the others still apply. Ends with ``session.updated`` (the settings in force)."""
+        if "tools" in data:
+            self.set_client_tools(data["tools"])
         for refused in self.config.update(self.engines, data, speaks=self.sink is not None):
             self.emit("error", code=refused.code, message=str(refused))
         if "instructions" in data:

@@ -115,6 +115,9 @@ class Turn:
     ended_at: float | None = None
     # The turn this one goes on with: it ended too early and the caller went on speaking.
     continues: str | None = None
+    # The tool calls and results of this reply (tool_calls.py), kept in the history before it.
+    tool_messages: list[ChatMessage] = field(default_factory=list)
+    hang_up: bool = False  # the AI ended the call (end_call): it ends once this reply is heard
 
     def __post_init__(self) -> None:
         if not self.speculative:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal, Protocol, TypedDict, runtime_checkable
+from typing import TYPE_CHECKING, Any, Literal, NotRequired, Protocol, TypedDict, runtime_checkable
 
 import numpy as np
 import numpy.typing as npt
@@ -21,12 +21,51 @@ if TYPE_CHECKING:
 
 FloatAudio = npt.NDArray[np.float32]
 
-Role = Literal["system", "user", "assistant"]
+Role = Literal["system", "user", "assistant", "tool"]
 
 
 class ChatMessage(TypedDict):
+    """One message in the OpenAI chat format. An assistant message that asked for tools carries
+    ``tool_calls`` (OpenAI's shape: id, type, function name and JSON arguments); each answer to
+    one is a ``tool`` message with its ``tool_call_id``."""
+
     role: Role
     content: str
+    tool_calls: NotRequired[list[dict[str, Any]]]
+    tool_call_id: NotRequired[str]
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    """A call the model asked for: ``arguments`` is its JSON text, as the model wrote it."""
+
+    id: str
+    name: str
+    arguments: str
+
+    def as_openai(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "type": "function",
+            "function": {"name": self.name, "arguments": self.arguments},
+        }
+
+
+@runtime_checkable
+class ToolCaller(Protocol):
+    """The tools one reply may use; agents that can call tools get it in ``AgentContext.tools``."""
+
+    max_steps: int  # model round trips with tool calls in one reply, before it must answer
+
+    def specs(self) -> list[dict[str, Any]]:
+        """The tools in the OpenAI ``tools`` format (``{"type": "function", "function": {...}}``)."""
+        ...
+
+    async def run(self, calls: list[ToolCall]) -> list[ChatMessage]:
+        """Run the calls (at once where there are several); one ``tool`` message per call, in
+        order. Never raises for a tool's failure: the message says what went wrong, for the model
+        to tell the caller."""
+        ...
 
 
 @dataclass
@@ -69,6 +108,7 @@ class AgentContext:
     temperature: float | None = None
     max_tokens: int | None = None
     usage: Usage = field(default_factory=Usage)
+    tools: ToolCaller | None = None
 
 
 @dataclass(frozen=True)
@@ -142,6 +182,12 @@ class Agent(Protocol):
     async def warm_up(self) -> None: ...
 
     async def aclose(self) -> None: ...
+
+
+def supports_tools(agent: Agent) -> bool:
+    """Whether ``agent`` uses ``AgentContext.tools`` (its class sets ``supports_tools = True``): it
+    sends their specs to its model and runs the calls the model asks for."""
+    return bool(getattr(agent, "supports_tools", False))
 
 
 @runtime_checkable

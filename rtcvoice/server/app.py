@@ -14,9 +14,11 @@ from aiohttp import web
 
 from .. import __version__
 from ..engines import Engines, load_engines
+from ..engines.base import supports_tools
 from ..native_memory import MallocTrimmer
 from ..settings import Settings
 from ..store import create_store
+from ..tools import Toolbox
 from ..transports.realtime import RealtimePeer
 from ..transports.webrtc import OfferError, RelayUnavailableError, WebRtcPeer
 from . import ai_service, ai_voice, audio_chat, chat, fallback, ops
@@ -26,7 +28,7 @@ from .callers import body_user, check_capacity
 from .calls import call_limits, prepare_call
 from .cors import cors_middleware, parse_origins
 from .errors import ApiError, json_errors
-from .keys import AUTH, ENGINES, ICE, NODE, REALTIME, SESSIONS, SETTINGS, STORE
+from .keys import AUTH, ENGINES, ICE, NODE, REALTIME, SESSIONS, SETTINGS, STORE, TOOLS
 from .nodes import cluster_ctx, create_node, watch_sessions
 from .options import call_options
 from .routing import close_relayed_sockets, cluster_routing, relay_client_ctx
@@ -73,6 +75,7 @@ def create_app(settings: Settings, *, engines: Engines | None = None) -> web.App
     ops.install(app)  # metrics, readiness, tracing (a missing OpenTelemetry stops the server here)
     app.cleanup_ctx.append(_engines_ctx(engines))
     app.cleanup_ctx.append(_store_ctx)
+    app.cleanup_ctx.append(_tools_ctx)
     app.cleanup_ctx.append(relay_client_ctx)
     app.cleanup_ctx.append(cluster_ctx)  # leaves the registry after the calls below have ended
     app.cleanup_ctx.append(_sessions_ctx)
@@ -126,6 +129,21 @@ def _engines_ctx(preloaded: Engines | None) -> Callable[[web.Application], Async
         await engines.aclose()
 
     return ctx
+
+
+async def _tools_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    tools = await Toolbox.load(settings)  # ToolConfigError: serve says why, and does not start
+    if tools and not supports_tools(app[ENGINES].agent):
+        log.warning(
+            "tools are set (%s), but agent=%s cannot call tools reliably (the embedded SmolLM2 "
+            "cannot): they are not offered. Use --agent openai with a model that calls tools.",
+            ", ".join(tools.tools),
+            app[ENGINES].agent.name,
+        )
+    app[TOOLS] = tools
+    yield
+    await tools.aclose()
 
 
 async def _store_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -12,7 +12,7 @@ from ..settings import Settings
 from ..telemetry.logs import session_id_var
 from ..transports.limits import CallLimits
 from . import ops
-from .keys import ENGINES, SETTINGS, STORE
+from .keys import ENGINES, SETTINGS, STORE, TOOLS
 from .options import CallOptions
 from .threads import ThreadRecorder, load_history
 
@@ -68,6 +68,7 @@ async def prepare_call(
             user_id=user_id,
             history=history,
             recorder=recorder,
+            tools=app.get(TOOLS),
         )
         chosen.apply(conversation)
         recorder.on_thread = conversation.thread_created

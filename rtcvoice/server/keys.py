@@ -9,6 +9,7 @@ from ..engines import Engines
 from ..settings import Settings
 from ..store import Store
 from ..telemetry.metrics import Metrics
+from ..tools import Toolbox
 from ..transports.realtime import RealtimePeer
 from .auth import Authenticator
 from .sessions import SessionRegistry
@@ -19,6 +20,7 @@ ENGINES = web.AppKey("engines", Engines)
 SESSIONS = web.AppKey("sessions", SessionRegistry)
 ICE = web.AppKey("ice", IceServers)
 STORE = web.AppKey("store", Store)
+TOOLS = web.AppKey("tools", Toolbox)  # the tools the AI may call (README "Tools")
 AUTH: web.AppKey[Authenticator | None] = web.AppKey("auth")
 REALTIME: web.AppKey[set[RealtimePeer]] = web.AppKey("realtime_connections")
 NODE = web.AppKey("node", ClusterNode)  # this node in its cluster (alone: a cluster of one)

@@ -112,6 +112,14 @@ class RealtimePeer:
         self._outbox: asyncio.Queue[str | bytes | None] = asyncio.Queue()
         self.sink = ImmediateSink(self._send_audio)
         self.conversation = make_conversation(self.sink, self._translate)
+        self._hang_up: asyncio.Task[None] | None = None  # the AI hung up (end_call): closing
+
+        def hang_up(reason: str) -> None:
+            self._hang_up = asyncio.create_task(
+                self.close(reason), name=f"realtime-hang-up-{self.connection_id}"
+            )
+
+        self.conversation.request_end = hang_up
         self._closed = False
         self.end_reason: str | None = None  # why it closed, once it has (the registry records it)
         self._writer: asyncio.Task[None] | None = None
@@ -167,7 +175,7 @@ class RealtimePeer:
             self._send_response("response.done", done, done)
         elif kind == "error":
             self._error(str(event.get("code", "error")), str(event.get("message", "")))
-        elif kind in ("pong", "metrics", "thread.updated"):
+        elif kind in ("pong", "metrics", "thread.updated", "tool_call", "tool_result"):
             self._send(event)
 
     def _session_state(self) -> dict[str, Any]:
@@ -233,6 +241,8 @@ class RealtimePeer:
             await self._on_session_update(data)
         elif kind == "conversation.item.input":
             await self._on_input(data)
+        elif kind == "tool_result":  # the answer to a tool_call (client: true) of a tool it declared
+            await self.conversation.handle_client_message(json.dumps(data))
         else:
             self._error("unknown_event", f"Unknown message type {kind[:64]!r}.")
 

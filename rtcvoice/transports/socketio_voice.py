@@ -39,6 +39,9 @@ class SocketIoPeer:
         self._emit = emit
         self._outbox: asyncio.Queue[tuple[str, dict[str, Any]] | None] = asyncio.Queue()
         self.conversation = make_conversation(None, self._on_event)
+        self.conversation.request_end = lambda reason: self._tasks.append(
+            asyncio.create_task(self.close(reason), name=f"sio-hang-up-{self.session_id}")
+        )
         self.limits = limits or CallLimits()
         self._rate = RateLimiter(self.limits.event_rate_per_s, self.limits.event_burst)
         self.connected = asyncio.Event()

@@ -116,6 +116,7 @@ class WebRtcPeer:
         pc = RTCPeerConnection(rtc_configuration(self._ice_servers, relay_only=self._relay_only))
         self.pc = pc
         self.conversation = self._make_conversation(self.track, self.send)
+        self.conversation.request_end = lambda reason: self._spawn(self.close(reason), "hang-up")
         pc.on("datachannel", self._on_datachannel)
         pc.on("track", self._on_track)
         pc.on("connectionstatechange", self._on_connection_state)

@@ -144,6 +144,10 @@ class WebSocketPeer:
         if output is not None:
             self.sink = PacedPcmSink(self._outbox.put_nowait, output)
         self.conversation = make_conversation(self.sink, self._send_event)
+        # The AI hung up: closed from a task of its own (kept with the others; close() spares itself).
+        self.conversation.request_end = lambda reason: self._tasks.append(
+            asyncio.create_task(self.close(reason), name=f"ws-hang-up-{self.session_id}")
+        )
         self._executor = executor
         self.connected = asyncio.Event()
         self.connected.set()

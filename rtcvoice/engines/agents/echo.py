@@ -12,7 +12,8 @@ from rtcvoice.engines.base import AgentContext, ChatMessage
 def last_user_message(messages: list[ChatMessage]) -> str:
     for message in reversed(messages):
         if message["role"] == "user":
-            return message["content"].strip()
+            content: str = message["content"]
+            return content.strip()
     return ""
 
 

@@ -5,12 +5,17 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import AsyncIterator
+from typing import Any, cast
 
 import openai
 from openai.types import CompletionUsage
-from openai.types.chat import ChatCompletionMessageParam
+from openai.types.chat import (
+    ChatCompletionMessageParam,
+    ChatCompletionToolChoiceOptionParam,
+    ChatCompletionToolParam,
+)
 
-from rtcvoice.engines.base import AgentContext, AgentError, ChatMessage
+from rtcvoice.engines.base import AgentContext, AgentError, ChatMessage, ToolCall
 from rtcvoice.engines.pool import pooled_http_client
 from rtcvoice.settings import Settings
 
@@ -26,8 +31,35 @@ def _to_openai(message: ChatMessage) -> ChatCompletionMessageParam:
     if role == "system":
         return {"role": "system", "content": content}
     if role == "assistant":
+        if message.get("tool_calls"):
+            return {"role": "assistant", "content": content or None, "tool_calls": message["tool_calls"]}  # type: ignore[typeddict-item]
         return {"role": "assistant", "content": content}
+    if role == "tool":
+        return {"role": "tool", "content": content, "tool_call_id": message.get("tool_call_id", "")}
     return {"role": "user", "content": content}
+
+
+class _ToolCallDeltas:
+    """The tool calls of one streamed reply, put together from their deltas: the first delta of
+    each (by ``index``) names it and gives its id, the rest append pieces of its JSON arguments."""
+
+    def __init__(self) -> None:
+        self._calls: dict[int, dict[str, str]] = {}
+
+    def add(self, deltas: list[Any]) -> None:
+        for delta in deltas:
+            call = self._calls.setdefault(delta.index, {"id": "", "name": "", "arguments": ""})
+            if delta.id:
+                call["id"] = delta.id
+            if delta.function is not None:
+                call["name"] += delta.function.name or ""
+                call["arguments"] += delta.function.arguments or ""
+
+    def calls(self) -> list[ToolCall]:
+        return [
+            ToolCall(id=c["id"] or f"call_{i}", name=c["name"], arguments=c["arguments"] or "{}")
+            for i, c in sorted(self._calls.items())
+        ]
 
 
 class OpenAIChatAgent:
@@ -63,30 +95,70 @@ class OpenAIChatAgent:
     # Any model the endpoint serves may be asked for per session.
     chooses_model = True
 
+    # Tools in the OpenAI format go to the model; the calls it streams back are run and answered.
+    supports_tools = True
+
     async def stream(self, messages: list[ChatMessage], context: AgentContext) -> AsyncIterator[str]:
         url = f"{self.base_url}/chat/completions"
         model = context.model or self.model
         usage: CompletionUsage | None = None
+        tools = context.tools
+        specs = cast("list[ChatCompletionToolParam]", tools.specs() if tools is not None else [])
+        request = [_to_openai(m) for m in messages]
+        steps = 0
+        spoken = ""  # the whole reply so far, over every step
         try:
-            stream = await self._client.chat.completions.create(
-                model=model,
-                messages=[_to_openai(m) for m in messages],
-                stream=True,
-                max_tokens=context.max_tokens or self.max_tokens,
-                temperature=self.temperature if context.temperature is None else context.temperature,
-                stream_options={"include_usage": True} if self.stream_usage else openai.omit,
-            )
-            # `async with` closes the HTTP response however we leave: done, error, or the consumer
-            # cancelled (barge-in), so the server stops generating for nobody.
-            async with stream:
-                async for chunk in stream:
-                    # The last chunk carries the usage (some servers send a running total in each).
-                    usage = chunk.usage or usage
-                    if not chunk.choices:
-                        continue
-                    delta = chunk.choices[0].delta.content
-                    if delta:
-                        yield delta
+            while True:
+                # Past the step limit the model must answer with what it has (tool_choice none).
+                can_call = bool(specs) and tools is not None and steps < tools.max_steps
+                choice: ChatCompletionToolChoiceOptionParam = "auto" if can_call else "none"
+                stream = await self._client.chat.completions.create(
+                    model=model,
+                    messages=request,
+                    stream=True,
+                    max_tokens=context.max_tokens or self.max_tokens,
+                    temperature=self.temperature if context.temperature is None else context.temperature,
+                    stream_options={"include_usage": True} if self.stream_usage else openai.omit,
+                    tools=specs if specs else openai.omit,
+                    tool_choice=choice if specs else openai.omit,
+                )
+                deltas = _ToolCallDeltas()
+                said = ""
+                # `async with` closes the HTTP response however we leave: done, error, or the
+                # consumer cancelled (barge-in), so the server stops generating for nobody.
+                async with stream:
+                    async for chunk in stream:
+                        # The last chunk carries the usage (some servers send a running total in each).
+                        usage = chunk.usage or usage
+                        if not chunk.choices:
+                            continue
+                        delta = chunk.choices[0].delta
+                        if delta.tool_calls:
+                            deltas.add(delta.tool_calls)
+                        if delta.content:
+                            text = delta.content
+                            if not said and spoken and not spoken[-1].isspace() and not text[0].isspace():
+                                # A step after tool calls starts afresh: keep its words apart from
+                                # what the caller heard before them.
+                                text = " " + text
+                            said += text
+                            spoken += text
+                            yield text
+                calls = deltas.calls()
+                if not calls or tools is None or not can_call:
+                    break
+                if usage is not None:
+                    context.usage.add(usage.prompt_tokens, usage.completion_tokens)
+                    usage = None
+                steps += 1
+                # The same reply goes on: what the model said, its calls, their results.
+                asked: ChatMessage = {
+                    "role": "assistant",
+                    "content": said,
+                    "tool_calls": [c.as_openai() for c in calls],
+                }
+                answers = await tools.run(calls)
+                request += [_to_openai(asked), *(_to_openai(m) for m in answers)]
             if usage is not None:
                 context.usage.add(usage.prompt_tokens, usage.completion_tokens)
         except openai.APIStatusError as exc:

@@ -10,6 +10,13 @@ null where the session made none). The reply may be streamed or whole, chosen by
 - ``application/x-ndjson`` (or ``application/jsonl``): one JSON object a line, same keys.
 - ``application/json``: the whole reply under ``text``, ``reply``, ``response``, ``content`` or ``message``.
 - ``text/plain`` (and anything else): the body itself, streamed as it arrives.
+
+Tools (README "Tools"): when the server has tools, the request also carries ``"tools"`` (the OpenAI
+tools format). The backend asks for calls with an object holding ``"tool_calls"``: a JSON reply,
+an SSE event or an NDJSON line, each call ``{"id", "name", "arguments"}`` (or OpenAI's
+``{"id", "function": {"name", "arguments"}}``). rtcvoice runs them and POSTs again with the calls
+and their results appended to ``messages`` (an assistant message with ``tool_calls``, then one
+``{"role": "tool", "tool_call_id", "content"}`` each); the reply to that goes on speaking.
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ from typing import Any
 import aiohttp
 
 from rtcvoice.engines.agents.echo import last_user_message
-from rtcvoice.engines.base import AgentContext, AgentError, ChatMessage
+from rtcvoice.engines.base import AgentContext, AgentError, ChatMessage, ToolCall
 from rtcvoice.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -66,18 +73,49 @@ class WebhookAgent:
             )
         return self._session
 
+    supports_tools = True
+
     async def stream(self, messages: list[ChatMessage], context: AgentContext) -> AsyncIterator[str]:
-        body = {
-            "session_id": context.session_id,
-            "thread_id": context.thread_id,
-            "user_id": context.user_id,
-            "language": context.language,
-            "model": context.model,
-            "temperature": context.temperature,
-            "max_tokens": context.max_tokens,
-            "transcript": last_user_message(messages),
-            "messages": [{"role": m["role"], "content": m["content"]} for m in messages],
-        }
+        tools = context.tools
+        specs = tools.specs() if tools is not None else []
+        history: list[dict[str, Any]] = [_wire(m) for m in messages]
+        steps = 0
+        spoken = ""
+        while True:
+            body: dict[str, Any] = {
+                "session_id": context.session_id,
+                "thread_id": context.thread_id,
+                "user_id": context.user_id,
+                "language": context.language,
+                "model": context.model,
+                "temperature": context.temperature,
+                "max_tokens": context.max_tokens,
+                "transcript": last_user_message(messages),
+                "messages": history,
+            }
+            if specs:
+                body["tools"] = specs
+            calls: list[ToolCall] = []
+            said = ""
+            async for part in self._post(body):
+                if isinstance(part, list):
+                    calls += part
+                    continue
+                if not said and spoken and not spoken[-1].isspace() and not part[0].isspace():
+                    part = " " + part  # a reply after tool calls: apart from the words before them
+                said += part
+                spoken += part
+                yield part
+            if not calls or tools is None or steps >= tools.max_steps:
+                return
+            steps += 1
+            answers = await tools.run(calls)
+            history += [
+                {"role": "assistant", "content": said, "tool_calls": [c.as_openai() for c in calls]},
+                *(_wire(m) for m in answers),
+            ]
+
+    async def _post(self, body: dict[str, Any]) -> AsyncIterator[str | list[ToolCall]]:
         try:
             async with self._client().post(self.url, json=body) as resp:
                 if resp.status >= 300:
@@ -86,7 +124,7 @@ class WebhookAgent:
                         f"webhook {self.url} returned HTTP {resp.status}: {_snippet(text) or '(empty body)'}"
                     )
                 content_type = resp.content_type.lower()
-                parts: AsyncGenerator[str, None]
+                parts: AsyncGenerator[str | list[ToolCall], None]
                 if content_type == "text/event-stream":
                     parts = _read_sse(resp)
                 elif content_type in NDJSON_TYPES:
@@ -125,7 +163,7 @@ async def _lines(resp: aiohttp.ClientResponse) -> AsyncIterator[str]:
         yield tail
 
 
-async def _read_sse(resp: aiohttp.ClientResponse) -> AsyncGenerator[str, None]:
+async def _read_sse(resp: aiohttp.ClientResponse) -> AsyncGenerator[str | list[ToolCall], None]:
     event = ""
     data: list[str] = []
     async for line in _lines(resp):
@@ -155,7 +193,7 @@ async def _read_sse(resp: aiohttp.ClientResponse) -> AsyncGenerator[str, None]:
             yield _delta_from_payload(payload, resp)
 
 
-def _delta_from_payload(payload: str, resp: aiohttp.ClientResponse) -> str:
+def _delta_from_payload(payload: str, resp: aiohttp.ClientResponse) -> str | list[ToolCall]:
     try:
         value = json.loads(payload)
     except json.JSONDecodeError:
@@ -167,7 +205,7 @@ def _delta_from_payload(payload: str, resp: aiohttp.ClientResponse) -> str:
     return payload  # a bare number or the like: the text as sent
 
 
-async def _read_ndjson(resp: aiohttp.ClientResponse) -> AsyncGenerator[str, None]:
+async def _read_ndjson(resp: aiohttp.ClientResponse) -> AsyncGenerator[str | list[ToolCall], None]:
     async for line in _lines(resp):
         line = line.strip()
         if not line:
@@ -190,9 +228,11 @@ async def _read_ndjson(resp: aiohttp.ClientResponse) -> AsyncGenerator[str, None
             )
 
 
-def _delta_from_object(obj: dict[str, Any], resp: aiohttp.ClientResponse) -> str:
+def _delta_from_object(obj: dict[str, Any], resp: aiohttp.ClientResponse) -> str | list[ToolCall]:
     if obj.get("error"):
         raise AgentError(f"webhook {resp.url} reported an error: {_snippet(json.dumps(obj['error']))}")
+    if "tool_calls" in obj:
+        return _tool_calls(obj["tool_calls"], resp)
     choices = obj.get("choices")
     if isinstance(choices, list):  # an OpenAI chat.completion.chunk
         if not choices or not isinstance(choices[0], dict):
@@ -209,7 +249,7 @@ def _delta_from_object(obj: dict[str, Any], resp: aiohttp.ClientResponse) -> str
     return ""
 
 
-async def _read_json(resp: aiohttp.ClientResponse) -> AsyncGenerator[str, None]:
+async def _read_json(resp: aiohttp.ClientResponse) -> AsyncGenerator[str | list[ToolCall], None]:
     raw = await resp.read()
     try:
         value = json.loads(raw.decode("utf-8", errors="replace"))  # JSON is UTF-8 (RFC 8259)
@@ -219,6 +259,12 @@ async def _read_json(resp: aiohttp.ClientResponse) -> AsyncGenerator[str, None]:
         ) from exc
     if isinstance(value, dict) and value.get("error"):
         raise AgentError(f"webhook {resp.url} reported an error: {_snippet(json.dumps(value['error']))}")
+    if isinstance(value, dict) and "tool_calls" in value:
+        text = _whole_reply(value)
+        if text:
+            yield text
+        yield _tool_calls(value["tool_calls"], resp)
+        return
     text = _whole_reply(value)
     if text is None:
         raise AgentError(
@@ -226,6 +272,35 @@ async def _read_json(resp: aiohttp.ClientResponse) -> AsyncGenerator[str, None]:
             f"(got {_snippet(json.dumps(value))})"
         )
     yield text
+
+
+def _tool_calls(value: Any, resp: aiohttp.ClientResponse) -> list[ToolCall]:
+    """The calls a backend asks for: ``{"id", "name", "arguments"}`` or OpenAI's shape each."""
+    if not isinstance(value, list):
+        raise AgentError(
+            f"webhook {resp.url} sent tool_calls that are not a list: {_snippet(json.dumps(value))}"
+        )
+    calls = []
+    for i, item in enumerate(value):
+        fn = item.get("function", item) if isinstance(item, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise AgentError(
+                f"webhook {resp.url} sent a tool call without a name: {_snippet(json.dumps(item))}"
+            )
+        arguments = fn.get("arguments", {})
+        calls.append(
+            ToolCall(
+                id=str(item.get("id") or f"call_{i}"),
+                name=fn["name"],
+                arguments=arguments if isinstance(arguments, str) else json.dumps(arguments),
+            )
+        )
+    return calls
+
+
+def _wire(message: ChatMessage) -> dict[str, Any]:
+    """A message as the backend gets it: role and content, and the tool fields where there are any."""
+    return {k: v for k, v in message.items() if k in ("role", "content", "tool_calls", "tool_call_id")}
 
 
 def _whole_reply(value: Any) -> str | None:

@@ -109,7 +109,7 @@ export function VoiceCallModal({ call, title = "Voice call", allowTyping = true 
               className={`rtcvoice-entry ${entry.role}${entry.final ? "" : " pending"}`}
               style={entry.final ? undefined : { opacity: 0.6, fontStyle: "italic" }}
             >
-              <strong>{entry.role === "user" ? "You" : "AI"}: </strong>
+              <strong>{entry.role === "user" ? "You" : entry.role === "tool" ? "Tool" : "AI"}: </strong>
               {entry.text || "…"}
               {entry.interrupted ? " (interrupted)" : null}
             </li>

@@ -19,6 +19,7 @@ import {
   type RtcVoiceError,
   type ServerEvent,
   type SessionUpdate,
+  type ToolCallEvent,
   type TranscriptEntry,
   type Transport,
   type VoiceCall,
@@ -31,6 +32,11 @@ export interface UseVoiceCallOptions extends Omit<ConnectOptions, "on"> {
   onEvent?: (event: ServerEvent) => void;
   /** Every error (fatal ones end the call; the hook's `error` holds the last one). */
   onError?: (error: RtcVoiceError) => void;
+  /**
+   * Every tool the AI calls (those this page runs, given in `tools`, are run and answered for you;
+   * this is to show them, or to dispatch them into Redux).
+   */
+  onToolCall?: (event: ToolCallEvent) => void;
 }
 
 export interface VoiceCallState {
@@ -106,7 +112,7 @@ export function useVoiceCall(options: UseVoiceCallOptions = {}): UseVoiceCall {
 
   const start = useCallback(async () => {
     if (callRef.current) return;
-    const { autoStart: _autoStart, onEvent, onError, ...connectOptions } = optionsRef.current;
+    const { autoStart: _autoStart, onEvent, onError, onToolCall, ...connectOptions } = optionsRef.current;
     const call = createCall(connectOptions);
     callRef.current = call;
     const transcript = new Transcript();
@@ -135,6 +141,7 @@ export function useVoiceCall(options: UseVoiceCallOptions = {}): UseVoiceCall {
     call.on("mute", (event) => update({ isMuted: event.muted }));
     call.on("metrics", (event) => update({ lastMetrics: event }));
     call.on("event", (event) => onEvent?.(event));
+    call.on("tool_call", (event) => onToolCall?.(event));
     call.on("error", (error) => {
       if (error.fatal || error.source === "server") update({ error });
       onError?.(error);
