@@ -178,6 +178,20 @@ async def test_messages_of_one_thread_never_show_in_another(store: Store) -> Non
     assert [m.content for m in await store.list_messages(second.id)] == ["two"]
 
 
+async def test_tool_calls_are_kept_per_thread_after_the_message_they_follow_in_order(store: Store) -> None:
+    thread, other = await store.create_thread("alice"), await store.create_thread("alice")
+    asked = await store.add_message(thread.id, "user", "Weather?")
+    call = {"role": "assistant", "content": "", "tool_calls": [{"id": "c1", "type": "function"}]}
+    result = {"role": "tool", "content": '{"t": 12}', "tool_call_id": "c1"}
+    await store.add_tool_calls(thread.id, asked.id, "turn-1", [call, result])
+    await store.add_tool_calls(thread.id, asked.id, "turn-1", [{**result, "tool_call_id": "c2"}])
+    await store.add_tool_calls(other.id, "elsewhere", None, [result])
+
+    kept = await store.list_tool_calls(thread.id)
+    assert kept == {asked.id: [call, result, {**result, "tool_call_id": "c2"}]}
+    assert await store.list_tool_calls("no-such-thread") == {}
+
+
 async def test_an_unknown_thread_is_a_store_error_and_stores_nothing(store: Store) -> None:
     with pytest.raises(ThreadNotFound):
         await store.add_message("no-such-thread", "user", "hello")

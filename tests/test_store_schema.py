@@ -532,6 +532,15 @@ CREATE TABLE IF NOT EXISTS messages (
 );
 CREATE INDEX IF NOT EXISTS conversations_user_updated ON conversations (user_id, updated_at);
 CREATE INDEX IF NOT EXISTS messages_conversation_seq ON messages (conversation_id, seq);
+CREATE TABLE IF NOT EXISTS rtcvoice_tool_calls (
+    seq BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    thread_id TEXT NOT NULL,
+    after_message_id TEXT NOT NULL,
+    turn_id TEXT,
+    messages TEXT NOT NULL,
+    created_at DOUBLE PRECISION NOT NULL
+);
+CREATE INDEX IF NOT EXISTS rtcvoice_tool_calls_thread ON rtcvoice_tool_calls (thread_id, seq);
 """
 
 
@@ -592,4 +601,4 @@ async def test_the_default_postgres_layout_is_todays(pg_cluster: PostgresCluster
         finally:
             await conn.close()
     assert layouts[0] == layouts[1]
-    assert len(layouts[0][0]) == 15
+    assert len(layouts[0][0]) == 15 + 6  # threads and messages, and the tool calls (Store.add_tool_calls)

@@ -447,3 +447,43 @@ async def test_an_agent_that_cannot_call_tools_is_not_offered_them_and_the_log_s
         events = await turn(ws, "What's the weather in Paris?")
     assert of(updated, "error")[0]["code"] == "tools_unsupported"
     assert not of(events, "tool_call") and events[-1]["text"] == "You said: What's the weather in Paris?"
+
+
+async def test_tool_calls_are_kept_in_the_thread_and_a_later_call_on_it_knows_what_was_done(
+    start_server: ServerFactory, fake_openai: FakeOpenAI
+) -> None:
+    def model(messages: list[dict[str, Any]]) -> str | ToolCalls:
+        if last(messages)["role"] == "tool":
+            return "It is 12 degrees in Paris."
+        if "Paris" in last(messages)["content"]:
+            return ToolCalls([("get_weather", {"city": "Paris"})])
+        return "As I looked up before, 12 degrees."
+
+    fake_openai.reply = model
+    url = await start_server(agent=openai_agent(fake_openai), tools="tool_pack:TOOLS")
+    async with aiohttp.ClientSession() as http:
+        calls = []
+        thread_id = None
+        for question in ("Weather in Paris?", "What did you find?"):
+            body = {"session_type": "text", "thread_id": thread_id}
+            async with http.post(f"{url}{API}/session/start", json=body) as resp:
+                started = await resp.json()
+            async with http.ws_connect(started["ws_url"]) as ws:
+                hello = await ws.receive_json(timeout=10)
+                thread_id = thread_id or hello["thread_id"]
+                calls.append(await turn(ws, question))
+        async with http.get(f"{url}/api/v1/chat/threads/{thread_id}/messages") as resp:
+            stored = await resp.json()
+    first = calls[0]
+    # The model, in the later call, sees the earlier call and its result where they happened.
+    roles = [(m["role"], m.get("tool_call_id")) for m in fake_openai.requests[-1]["messages"]]
+    call_id = of(first, "tool_call")[0]["id"]
+    assert roles[1:] == [
+        ("user", None),
+        ("assistant", None),
+        ("tool", call_id),
+        ("assistant", None),
+        ("user", None),
+    ]
+    # The thread's messages (what the app shows) are the words only.
+    assert [m["role"] for m in stored["messages"]] == ["user", "assistant", "user", "assistant"]

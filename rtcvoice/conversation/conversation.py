@@ -506,7 +506,7 @@ class Conversation:
             if not turn.committed.is_set():
                 await self._judge(turn, text, audio)
             await turn.committed.wait()
-            message_id = await self._persist(user, turn, content_type="voice")
+            message_id = turn.user_message_id = await self._persist(user, turn, content_type="voice")
             shown: dict[str, Any] = {"text": text, "message_id": message_id}
             if turn.continues is not None:
                 shown["continues"] = turn.continues
@@ -521,7 +521,7 @@ class Conversation:
         user: ChatMessage = {"role": "user", "content": turn.user_text}
         self.history.append(user)
         turn.user_message = user
-        await self._persist(user, turn, content_type=content_type)
+        turn.user_message_id = await self._persist(user, turn, content_type=content_type)
         await self._respond(turn)
 
     async def _respond(self, turn: Turn) -> None:
@@ -728,9 +728,15 @@ class Conversation:
 
     async def _persist_reply(self, turn: Turn, *, interrupted: bool, said: str | None = None) -> None:
         content = turn.ai_text.strip() if said is None else said
-        # What the tools did is history the next turns need, even when nothing of the reply was heard.
-        self.history += turn.tool_messages
-        turn.tool_messages = []
+        # What the tools did is history the next turns need, even when nothing of the reply was
+        # heard; kept in the thread (after the user's message) for later calls on it too.
+        done, turn.tool_messages = turn.tool_messages, []
+        self.history += done
+        if done and turn.user_message_id is not None:
+            await self._writes.store(
+                {"role": "tool", "content": ""},
+                {"tool_messages": done, "after_message_id": turn.user_message_id, "turn_id": turn.id},
+            )
         if not content:
             return
         reply: ChatMessage = {"role": "assistant", "content": content}

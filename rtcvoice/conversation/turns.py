@@ -99,6 +99,7 @@ class Turn:
     shown: bool = True
     held: list[Callable[[], None]] = field(default_factory=list)
     user_message: ChatMessage | None = None
+    user_message_id: str | None = None  # the stored user message (tool calls are kept after it)
     reply_id: str | None = None  # the stored assistant message
     reply_message: ChatMessage | None = None  # the assistant message, as far as it was heard
     usage: dict[str, int] | None = None

@@ -64,13 +64,30 @@ async def thread_for(
 
 async def load_history(store: Store, thread_id: str, limit: int = HISTORY_LIMIT) -> list[ChatMessage]:
     messages = await store.list_messages(thread_id, limit=limit)
+    # What the AI's tools did, each reply's calls and results after the message they answered,
+    # so a later call on the thread knows what was done (and the model sees its own calls).
+    tools = await store.list_tool_calls(thread_id)
     history: list[ChatMessage] = []
     for m in messages:
         if m.role == "user":
             history.append({"role": "user", "content": m.content})
         elif m.role == "assistant":
             history.append({"role": "assistant", "content": m.content})
+        for stored in tools.get(m.id, []):
+            if (kept := _tool_message(stored)) is not None:
+                history.append(kept)
     return history
+
+
+def _tool_message(stored: dict[str, Any]) -> ChatMessage | None:
+    """A kept tool-call message, or None for one that is neither an assistant call nor a result."""
+    content = stored.get("content")
+    content = content if isinstance(content, str) else ""
+    if stored.get("role") == "assistant" and isinstance(stored.get("tool_calls"), list):
+        return {"role": "assistant", "content": content, "tool_calls": stored["tool_calls"]}
+    if stored.get("role") == "tool" and isinstance(stored.get("tool_call_id"), str):
+        return {"role": "tool", "content": content, "tool_call_id": stored["tool_call_id"]}
+    return None
 
 
 _Write = tuple[ChatMessage, dict[str, Any], asyncio.Future[str | None]]
@@ -148,6 +165,12 @@ class ThreadRecorder:
             stored: str | None = None
             try:
                 thread_id = await self._thread_for(queued_thread, message)
+                if "tool_messages" in meta:  # a reply's tool calls, after the user's message
+                    await self._store.add_tool_calls(
+                        thread_id, str(meta["after_message_id"]), meta.get("turn_id"), meta["tool_messages"]
+                    )
+                    self.written += 1
+                    continue
                 saved = await self._store.add_message(
                     thread_id,
                     message["role"],

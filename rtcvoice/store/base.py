@@ -10,11 +10,13 @@ round.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import math
 import threading
 import time
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Literal, Protocol, cast, runtime_checkable
@@ -144,6 +146,35 @@ class Store(Protocol):
         An unknown thread has no messages. Insertion order comes from a sequence column, so
         messages added within the same clock tick still come back in the order they were added.
         """
+
+    async def add_tool_calls(
+        self, thread_id: str, after_message_id: str, turn_id: str | None, messages: list[dict[str, Any]]
+    ) -> None:
+        """Keep the tool calls and results of one reply (OpenAI-format messages), after the
+        message ``after_message_id`` (the user's, which the reply answers). Committed on return.
+
+        In a table of rtcvoice's own (TOOL_CALLS_TABLE), beside the app's threads and messages:
+        an app's messages table need not take a "tool" role or a JSON column.
+        """
+
+    async def list_tool_calls(self, thread_id: str) -> dict[str, list[dict[str, Any]]]:
+        """The thread's tool calls and results, by the message they follow, in the order kept."""
+
+
+TOOL_CALLS_TABLE = "rtcvoice_tool_calls"
+
+
+def tool_calls_by_message(rows: Iterable[tuple[str, str]]) -> dict[str, list[dict[str, Any]]]:
+    """(after_message_id, JSON list) rows, in order, as the lists of messages by message id."""
+    found: dict[str, list[dict[str, Any]]] = {}
+    for after, raw in rows:
+        try:
+            messages = json.loads(raw)
+        except ValueError:
+            continue
+        if isinstance(messages, list):
+            found.setdefault(str(after), []).extend(m for m in messages if isinstance(m, dict))
+    return found
 
 
 # -- helpers shared by the backends ------------------------------------------------------------

@@ -10,6 +10,8 @@ db_messages_table (``app.chat_messages`` for another schema): see schema.py.
 from __future__ import annotations
 
 import asyncio
+import json
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
@@ -17,6 +19,7 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 
 from .base import (
+    TOOL_CALLS_TABLE,
     MonotonicClock,
     StoredMessage,
     StoreError,
@@ -28,6 +31,7 @@ from .base import (
     check_optional_id,
     draft_message,
     log_orphaned_failure,
+    tool_calls_by_message,
 )
 from .schema import (
     MESSAGE,
@@ -271,6 +275,36 @@ class PostgresStore:
 
         return await self._read(work)
 
+    # -- tool calls --------------------------------------------------------------------------------
+
+    async def add_tool_calls(
+        self, thread_id: str, after_message_id: str, turn_id: str | None, messages: list[dict[str, Any]]
+    ) -> None:
+        payload = json.dumps(messages)
+
+        async def work(conn: asyncpg.Connection, sql: Statements) -> None:
+            await conn.execute(
+                f"INSERT INTO {TOOL_CALLS_TABLE} (thread_id, after_message_id, turn_id, messages, created_at)"
+                " VALUES ($1, $2, $3, $4, $5)",
+                thread_id,
+                after_message_id,
+                turn_id,
+                payload,
+                time.time(),
+            )
+
+        await self._write(work)
+
+    async def list_tool_calls(self, thread_id: str) -> dict[str, list[dict[str, Any]]]:
+        async def work(conn: asyncpg.Connection, sql: Statements) -> dict[str, list[dict[str, Any]]]:
+            rows = await conn.fetch(
+                f"SELECT after_message_id, messages FROM {TOOL_CALLS_TABLE} WHERE thread_id = $1 ORDER BY seq",
+                thread_id,
+            )
+            return tool_calls_by_message((r[0], r[1]) for r in rows)
+
+        return await self._read(work)
+
 
 async def _insert(conn: asyncpg.Connection, insert: Insert, table: ResolvedTable, what: str) -> object:
     """Run ``insert``; the id the database assigned, if it assigns it."""
@@ -310,9 +344,25 @@ async def _set_up_tables(conn: asyncpg.Connection, config: SchemaConfig) -> Reso
     for ddl in (
         *index_ddl(config, THREAD, threads_info, threads, new_threads),
         *index_ddl(config, MESSAGE, messages_info, messages, new_messages),
+        *TOOL_CALLS_DDL,
     ):
         await conn.execute(ddl)
     return ResolvedSchema(threads, messages)
+
+
+# The tool calls of replies (Store.add_tool_calls): rtcvoice's own table, whatever the layout of
+# the threads and messages tables (no foreign key: an app's thread ids may be of any type).
+TOOL_CALLS_DDL = (
+    f"CREATE TABLE IF NOT EXISTS {TOOL_CALLS_TABLE} (\n"
+    "    seq BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,\n"
+    "    thread_id TEXT NOT NULL,\n"
+    "    after_message_id TEXT NOT NULL,\n"
+    "    turn_id TEXT,\n"
+    "    messages TEXT NOT NULL,\n"
+    "    created_at DOUBLE PRECISION NOT NULL\n"
+    ")",
+    f"CREATE INDEX IF NOT EXISTS {TOOL_CALLS_TABLE}_thread ON {TOOL_CALLS_TABLE} (thread_id, seq)",
+)
 
 
 async def _ensure_table(

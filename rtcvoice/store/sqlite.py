@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import re
 import sqlite3
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from .base import (
+    TOOL_CALLS_TABLE,
     MonotonicClock,
     StoredMessage,
     StoreError,
@@ -24,6 +27,7 @@ from .base import (
     check_optional_id,
     draft_message,
     log_orphaned_failure,
+    tool_calls_by_message,
 )
 from .schema import (
     MESSAGE,
@@ -171,6 +175,7 @@ class SqliteStore:
         for ddl in (
             *index_ddl(config, THREAD, threads_info, threads, new_threads),
             *index_ddl(config, MESSAGE, messages_info, messages, new_messages),
+            *TOOL_CALLS_DDL,
         ):
             conn.execute(ddl)
         return ResolvedSchema(threads, messages)
@@ -289,6 +294,48 @@ class SqliteStore:
             return sql.messages_from_rows(conn.execute(query.sql, query.args))
 
         return await self._run(work)
+
+    # -- tool calls --------------------------------------------------------------------------------
+
+    async def add_tool_calls(
+        self, thread_id: str, after_message_id: str, turn_id: str | None, messages: list[dict[str, Any]]
+    ) -> None:
+        payload = json.dumps(messages)
+
+        def work(conn: sqlite3.Connection, sql: Statements) -> None:
+            with _transaction(conn):
+                conn.execute(
+                    f"INSERT INTO {TOOL_CALLS_TABLE} (thread_id, after_message_id, turn_id, messages, created_at)"
+                    " VALUES (?, ?, ?, ?, ?)",
+                    (thread_id, after_message_id, turn_id, payload, time.time()),
+                )
+
+        await self._write(work)
+
+    async def list_tool_calls(self, thread_id: str) -> dict[str, list[dict[str, Any]]]:
+        def work(conn: sqlite3.Connection, sql: Statements) -> dict[str, list[dict[str, Any]]]:
+            rows = conn.execute(
+                f"SELECT after_message_id, messages FROM {TOOL_CALLS_TABLE} WHERE thread_id = ? ORDER BY seq",
+                (thread_id,),
+            )
+            return tool_calls_by_message(rows)
+
+        return await self._run(work)
+
+
+# The tool calls of replies (Store.add_tool_calls): rtcvoice's own table, whatever the layout of
+# the threads and messages tables (no foreign key: an app's thread ids may be of any type).
+TOOL_CALLS_DDL = (
+    f"CREATE TABLE IF NOT EXISTS {TOOL_CALLS_TABLE} (\n"
+    "    seq INTEGER PRIMARY KEY AUTOINCREMENT,\n"
+    "    thread_id TEXT NOT NULL,\n"
+    "    after_message_id TEXT NOT NULL,\n"
+    "    turn_id TEXT,\n"
+    "    messages TEXT NOT NULL,\n"
+    "    created_at REAL NOT NULL\n"
+    ")",
+    f"CREATE INDEX IF NOT EXISTS {TOOL_CALLS_TABLE}_thread ON {TOOL_CALLS_TABLE} (thread_id, seq)",
+)
 
 
 @contextmanager
