@@ -11,11 +11,13 @@ import contextlib
 import json
 import logging
 import sys
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import jwt
 import pytest
 import tool_pack
 from aiohttp import web
@@ -24,6 +26,7 @@ from fake_openai import FakeOpenAI, ToolCalls
 
 from rtcvoice.client import VoiceCallClient
 from rtcvoice.engines.agents.webhook import WebhookAgent
+from rtcvoice.tools.python import load_python_tools
 
 API = "/api/v1/voice"
 TURN_S = 30
@@ -487,3 +490,95 @@ async def test_tool_calls_are_kept_in_the_thread_and_a_later_call_on_it_knows_wh
     ]
     # The thread's messages (what the app shows) are the words only.
     assert [m["role"] for m in stored["messages"]] == ["user", "assistant", "user", "assistant"]
+
+
+async def test_a_realtime_client_sees_function_calls_in_openais_words_and_answers_its_own(
+    start_server: ServerFactory, fake_openai: FakeOpenAI
+) -> None:
+    def model(messages: list[dict[str, Any]]) -> str | ToolCalls:
+        if last(messages)["role"] == "tool":
+            return "Your cart has " + json.loads(last(messages)["content"])["items"] + " items."
+        return ToolCalls([("read_cart", {})])
+
+    fake_openai.reply = model
+    url = await start_server(agent=openai_agent(fake_openai))
+    realtime = "ws://" + url.removeprefix("http://") + "/api/v1/streaming/realtime/test_user"
+    cart = {"type": "function", "name": "read_cart", "description": "The user's cart.", "parameters": {}}
+    async with aiohttp.ClientSession() as http, http.ws_connect(realtime) as ws:
+        await ws.receive_json(timeout=30)
+        await ws.send_json({"type": "session.update", "session_update": {"tools": [cart]}})
+        await ws.send_json(
+            {
+                "type": "conversation.item.input",
+                "conversation_item_input": {"type": "input_text", "text": "Cart?"},
+            }
+        )
+        called = (await events_until(ws, "response.function_call_arguments.done"))[-1]["response"]
+        assert (called["name"], called["arguments"], called["client"]) == ("read_cart", "{}", True)
+        output = {"type": "function_call_output", "call_id": called["call_id"], "output": '{"items": "3"}'}
+        await ws.send_json({"type": "conversation.item.create", "item": output})
+        done = await events_until(ws, "response.done")
+    assert done[-1]["response"]["text"] == "Your cart has 3 items."
+    assert [e for e in done if e["type"] == "tool_result"][0]["ok"] is True
+
+
+def test_an_installed_tool_pack_is_found_by_its_entry_point_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dist = tmp_path / "voice_pack-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: voice-pack\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text("[rtcvoice.tools]\nweather = tool_pack:TOOLS\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    tools = load_python_tools("weather")
+    assert [t.name for t in tools] == ["get_weather", "slow_lookup", "broken", "whoami"]
+
+
+async def test_calls_past_the_per_reply_limit_are_refused_and_long_results_are_cut(
+    start_server: ServerFactory, fake_openai: FakeOpenAI
+) -> None:
+    def model(messages: list[dict[str, Any]]) -> str | ToolCalls:
+        if last(messages)["role"] == "tool":
+            return "Done."
+        return ToolCalls([("get_weather", {"city": c}) for c in ("Oslo", "Rome", "Lima")])
+
+    fake_openai.reply = model
+    url = await start_server(
+        agent=openai_agent(fake_openai),
+        tools="tool_pack:TOOLS",
+        max_tool_calls_per_turn=2,
+        max_tool_result_chars=20,
+    )
+    async with text_call(url) as ws:
+        events = await turn(ws, "Three cities.")
+    outcome = {r["id"]: (r["ok"], r["summary"]) for r in of(events, "tool_result")}
+    ordered = [outcome[c["id"]] for c in of(events, "tool_call")]
+    assert [ok for ok, _ in ordered] == [True, True, False]
+    assert ordered[2][1] == "too many tool calls in one reply"
+    assert [city for _, (city, _, _) in tool_pack.SEEN] == ["Oslo", "Rome"]
+    results = [m["content"] for m in fake_openai.requests[1]["messages"] if m["role"] == "tool"]
+    assert results[0] == '{"city": "Oslo", "te [cut: the result was longer]'
+
+
+async def test_tools_act_for_the_caller_named_by_the_jwt(
+    start_server: ServerFactory, fake_openai: FakeOpenAI
+) -> None:
+    def model(messages: list[dict[str, Any]]) -> str | ToolCalls:
+        if last(messages)["role"] == "tool":
+            return "You are " + json.loads(last(messages)["content"])["user_id"] + "."
+        return ToolCalls([("whoami", {})])
+
+    fake_openai.reply = model
+    secret = "a-long-test-secret-for-hs256-signing!"
+    url = await start_server(agent=openai_agent(fake_openai), tools="tool_pack:TOOLS", auth_jwt_secret=secret)
+    signed = jwt.encode({"sub": "alice", "exp": int(time.time()) + 300}, secret, algorithm="HS256")
+    headers = {"Authorization": f"Bearer {signed}"}
+    async with aiohttp.ClientSession() as http:
+        async with http.post(
+            f"{url}{API}/session/start", json={"session_type": "text"}, headers=headers
+        ) as resp:
+            started = await resp.json()
+        async with http.ws_connect(f"{started['ws_url']}?token={signed}") as ws:
+            await ws.receive_json(timeout=10)
+            events = await turn(ws, "Who am I?")
+    assert events[-1]["text"] == "You are alice."

@@ -27,6 +27,12 @@ Both also send ``input.transcript`` {text} (what an audio input was heard as), `
 ``thread.updated``, which clients that do not know them ignore; ``usage`` is null where the agent
 reports none.
 
+Tools (README "Tools"): a client declares its own in ``session.update`` (``tools``, OpenAI's
+format); every call the model makes is sent as ``response.function_call_arguments.done``
+{call_id, name, arguments (JSON text), client}, and each outcome as ``tool_result``. A call of the
+client's own tool (``client`` true) is answered with ``conversation.item.create`` {item: {type:
+function_call_output, call_id, output}} (or rtcvoice's ``tool_result`` {id, result | error}).
+
 ``?dialect=nested|flat`` picks one; otherwise the first message that uses a dialect's own keys
 decides (``session_update`` / ``conversation_item_input`` / ``ping.timestamp`` are nested), so
 either client works unchanged. The greeting ``session.update`` is the same in both (its
@@ -175,7 +181,19 @@ class RealtimePeer:
             self._send_response("response.done", done, done)
         elif kind == "error":
             self._error(str(event.get("code", "error")), str(event.get("message", "")))
-        elif kind in ("pong", "metrics", "thread.updated", "tool_call", "tool_result"):
+        elif kind == "tool_call":
+            # OpenAI Realtime's words for a function call the model made; ``client``: this
+            # client declared the tool, and answers with a function_call_output item.
+            arguments = event.get("arguments")
+            call = {
+                "call_id": event.get("id"),
+                "name": event.get("name"),
+                "arguments": arguments if isinstance(arguments, str) else json.dumps(arguments),
+                "client": bool(event.get("client")),
+                "turn_id": turn_id,
+            }
+            self._send_response("response.function_call_arguments.done", call, call)
+        elif kind in ("pong", "metrics", "thread.updated", "tool_result"):
             self._send(event)
 
     def _session_state(self) -> dict[str, Any]:
@@ -243,6 +261,8 @@ class RealtimePeer:
             await self._on_input(data)
         elif kind == "tool_result":  # the answer to a tool_call (client: true) of a tool it declared
             await self.conversation.handle_client_message(json.dumps(data))
+        elif kind == "conversation.item.create":  # the same answer, as OpenAI Realtime words it
+            await self._on_item(data)
         else:
             self._error("unknown_event", f"Unknown message type {kind[:64]!r}.")
 
@@ -271,6 +291,19 @@ class RealtimePeer:
                 json.dumps({"type": "set_thread", "thread_id": thread_id})
             )
         await self.conversation.handle_client_message(json.dumps({"type": "session.update", **session}))
+
+    async def _on_item(self, data: dict[str, Any]) -> None:
+        item = data.get("item")
+        if not isinstance(item, dict) or item.get("type") != "function_call_output":
+            self._error("invalid_event", "conversation.item.create takes a function_call_output item.")
+            return
+        output = item.get("output")
+        try:
+            result = json.loads(output) if isinstance(output, str) else output
+        except json.JSONDecodeError:
+            result = output  # plain text is a result too
+        answer = {"type": "tool_result", "id": item.get("call_id"), "result": result}
+        await self.conversation.handle_client_message(json.dumps(answer))
 
     async def _on_input(self, data: dict[str, Any]) -> None:
         item = data.get("conversation_item_input")
