@@ -1,6 +1,9 @@
-"""A real MCP server over stdio for tests/test_tools.py (``python tests/mcp_tool_server.py``)."""
+"""A real MCP server for tests/test_tools.py: over stdio (``python tests/mcp_tool_server.py``), or
+streamable HTTP at http://127.0.0.1:PORT/mcp (``python tests/mcp_tool_server.py --http PORT``)."""
 
 from __future__ import annotations
+
+import sys
 
 try:  # mcp 2
     from mcp.server.mcpserver import MCPServer as Server
@@ -21,4 +24,12 @@ def find_order(order_id: str) -> str:
 
 
 if __name__ == "__main__":
-    server.run()
+    if len(sys.argv) == 3 and sys.argv[1] == "--http":
+        port = int(sys.argv[2])
+        try:  # mcp 2
+            server.run("streamable-http", host="127.0.0.1", port=port)
+        except TypeError:  # mcp 1: the address is a setting
+            server.settings.host, server.settings.port = "127.0.0.1", port
+            server.run("streamable-http")
+    else:
+        server.run()

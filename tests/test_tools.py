@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import socket
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -582,3 +583,36 @@ async def test_tools_act_for_the_caller_named_by_the_jwt(
             await ws.receive_json(timeout=10)
             events = await turn(ws, "Who am I?")
     assert events[-1]["text"] == "You are alice."
+
+
+async def test_an_mcp_server_over_streamable_http_is_used_the_same_way(
+    start_server: ServerFactory, fake_openai: FakeOpenAI
+) -> None:
+    fake_openai.reply = lambda messages: (
+        last(messages)["content"]
+        if last(messages)["role"] == "tool"
+        else ToolCalls([("find_order", {"order_id": "B2"})])
+    )
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    script = Path(__file__).with_name("mcp_tool_server.py")
+    server = await asyncio.create_subprocess_exec(
+        sys.executable, str(script), "--http", str(port), stderr=asyncio.subprocess.DEVNULL
+    )
+    try:
+        async with asyncio.timeout(30):  # until it listens
+            while True:
+                try:
+                    _, writer = await asyncio.open_connection("127.0.0.1", port)
+                    writer.close()
+                    break
+                except OSError:
+                    await asyncio.sleep(0.1)
+        url = await start_server(agent=openai_agent(fake_openai), mcp_servers=f"http://127.0.0.1:{port}/mcp")
+        async with text_call(url) as ws:
+            events = await turn(ws, "Where is order B2?")
+    finally:
+        server.terminate()
+        await server.wait()
+    assert events[-1]["text"] == "Order B2 ships on Tuesday."
