@@ -30,6 +30,7 @@ class ToolCalls:
 
     calls: list[tuple[str, dict[str, Any] | str]]
     text: str = ""
+    ids: list[str] | None = None  # the calls' ids as sent ("" sends none); default: unique ones
 
 
 Reply = str | Callable[[list[dict[str, Any]]], "str | ToolCalls"]
@@ -182,7 +183,8 @@ class FakeOpenAI:
                 await resp.write(chunk({"content": token}))
             for index, (name, arguments) in enumerate(calls.calls if calls is not None else []):
                 self._counter += 1
-                head = {"index": index, "id": f"call_{self._counter}", "type": "function"}
+                ident = calls.ids[index] if calls.ids is not None else f"call_{self._counter}"
+                head = {"index": index, "id": ident or None, "type": "function"}
                 await resp.write(
                     chunk({"tool_calls": [{**head, "function": {"name": name, "arguments": ""}}]})
                 )

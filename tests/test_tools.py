@@ -616,3 +616,30 @@ async def test_an_mcp_server_over_streamable_http_is_used_the_same_way(
         server.terminate()
         await server.wait()
     assert events[-1]["text"] == "Order B2 ships on Tuesday."
+
+
+async def test_calls_a_server_gives_the_same_id_or_none_are_told_apart(
+    start_server: ServerFactory, fake_openai: FakeOpenAI
+) -> None:
+    def model(messages: list[dict[str, Any]]) -> str | ToolCalls:
+        if last(messages)["role"] == "tool":
+            return "Done."
+        cities = [("get_weather", {"city": c}) for c in ("Oslo", "Rome", "Lima")]
+        return ToolCalls(cities, ids=["call_0", "call_0", ""])  # as some local servers number them
+
+    fake_openai.reply = model
+    url = await start_server(agent=openai_agent(fake_openai), tools="tool_pack:TOOLS")
+    async with text_call(url) as ws:
+        events = await turn(ws, "Three cities.")
+    ids = [c["id"] for c in of(events, "tool_call")]
+    assert len(set(ids)) == 3 and sorted(r["id"] for r in of(events, "tool_result")) == sorted(ids)
+    asked = [m for m in fake_openai.requests[1]["messages"] if m.get("tool_calls")][0]
+    answered = [m["tool_call_id"] for m in fake_openai.requests[1]["messages"] if m["role"] == "tool"]
+    assert [c["id"] for c in asked["tool_calls"]] == answered == ids
+    assert [
+        json.loads(m["content"])["city"] for m in fake_openai.requests[1]["messages"] if m["role"] == "tool"
+    ] == [
+        "Oslo",
+        "Rome",
+        "Lima",
+    ]

@@ -51,6 +51,20 @@ class ToolCall:
         }
 
 
+def unique_call_ids(calls: list[ToolCall]) -> list[ToolCall]:
+    """The calls, each with an id no other call of the reply has: some local servers number every
+    call ``call_0``, or send none, and a result must answer exactly one call."""
+    seen: set[str] = set()
+    unique = []
+    for i, call in enumerate(calls):
+        ident = call.id or f"call_{i}"
+        if ident in seen:
+            ident = f"{ident}_{i}"
+        seen.add(ident)
+        unique.append(call if ident == call.id else ToolCall(ident, call.name, call.arguments))
+    return unique
+
+
 @runtime_checkable
 class ToolCaller(Protocol):
     """The tools one reply may use; agents that can call tools get it in ``AgentContext.tools``."""

@@ -15,7 +15,7 @@ from openai.types.chat import (
     ChatCompletionToolParam,
 )
 
-from rtcvoice.engines.base import AgentContext, AgentError, ChatMessage, ToolCall
+from rtcvoice.engines.base import AgentContext, AgentError, ChatMessage, ToolCall, unique_call_ids
 from rtcvoice.engines.pool import pooled_http_client
 from rtcvoice.settings import Settings
 
@@ -56,10 +56,12 @@ class _ToolCallDeltas:
                 call["arguments"] += delta.function.arguments or ""
 
     def calls(self) -> list[ToolCall]:
-        return [
-            ToolCall(id=c["id"] or f"call_{i}", name=c["name"], arguments=c["arguments"] or "{}")
-            for i, c in sorted(self._calls.items())
-        ]
+        return unique_call_ids(
+            [
+                ToolCall(id=c["id"], name=c["name"], arguments=c["arguments"] or "{}")
+                for _, c in sorted(self._calls.items())
+            ]
+        )
 
 
 class OpenAIChatAgent:

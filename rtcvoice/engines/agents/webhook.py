@@ -31,7 +31,7 @@ from typing import Any
 import aiohttp
 
 from rtcvoice.engines.agents.echo import last_user_message
-from rtcvoice.engines.base import AgentContext, AgentError, ChatMessage, ToolCall
+from rtcvoice.engines.base import AgentContext, AgentError, ChatMessage, ToolCall, unique_call_ids
 from rtcvoice.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -281,7 +281,7 @@ def _tool_calls(value: Any, resp: aiohttp.ClientResponse) -> list[ToolCall]:
             f"webhook {resp.url} sent tool_calls that are not a list: {_snippet(json.dumps(value))}"
         )
     calls = []
-    for i, item in enumerate(value):
+    for item in value:
         fn = item.get("function", item) if isinstance(item, dict) else None
         if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
             raise AgentError(
@@ -290,12 +290,12 @@ def _tool_calls(value: Any, resp: aiohttp.ClientResponse) -> list[ToolCall]:
         arguments = fn.get("arguments", {})
         calls.append(
             ToolCall(
-                id=str(item.get("id") or f"call_{i}"),
+                id=str(item.get("id") or ""),
                 name=fn["name"],
                 arguments=arguments if isinstance(arguments, str) else json.dumps(arguments),
             )
         )
-    return calls
+    return unique_call_ids(calls)
 
 
 def _wire(message: ChatMessage) -> dict[str, Any]:
