@@ -492,6 +492,38 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="standard deviation of that delay (reorders packets)",
     )
     p.add_argument(
+        "--peer",
+        action="append",
+        default=[],
+        metavar="NAME=URL[@PID]",
+        help="dial this stack through its own signaling (NAME starts with rtcvoice, pipecat or fastrtc) "
+        "and time only what the caller hears; repeat for a side-by-side run (bench/peers/run starts them all)",
+    )
+    p.add_argument(
+        "--floor",
+        action="store_true",
+        help="the CPU one call's parts need alone (Opus, resampling, Silero, SRTP per call-second; Whisper "
+        "per turn), on the questions' speech",
+    )
+    p.add_argument("--peer-rounds", type=int, default=3, help="--peer: rounds, the stacks interleaved")
+    p.add_argument(
+        "--peer-quiet-s",
+        type=float,
+        default=1.2,
+        help="--peer: a reply is over after this long without sound",
+    )
+    p.add_argument(
+        "--peer-reply-timeout-s",
+        type=float,
+        default=15.0,
+        help="--peer: a turn with no reply heard this long after the speech ended has failed",
+    )
+    p.add_argument(
+        "--peer-server-cpus",
+        type=float,
+        help="--peer: the CPUs each stack's server was held to (reports capacity per core)",
+    )
+    p.add_argument(
         "--long-call",
         type=int,
         metavar="TURNS",
@@ -535,6 +567,24 @@ async def run(args: argparse.Namespace) -> int:
         from .bench_network import run_network
 
         return await run_network(args)
+    if args.floor:
+        from .bench_floor import report as floor_report
+        from .bench_floor import text as floor_text
+
+        texts = QUESTIONS
+        if args.questions:
+            lines = (await asyncio.to_thread(_read_text, args.questions)).splitlines()
+            texts = [q.strip() for q in lines if q.strip()]
+        utterances = await asyncio.to_thread(synthesize_questions, texts)
+        floor = await asyncio.to_thread(floor_report, utterances)
+        print(floor_text(floor))
+        if args.json_path:
+            await asyncio.to_thread(_write_text, args.json_path, json.dumps(floor, indent=1))
+        return 0
+    if args.peer:
+        from .bench_peers import run_peers
+
+        return await run_peers(args)
     if args.long_call:
         from .bench_long import run_long_call
 
