@@ -393,6 +393,14 @@ def _read_text(path: str) -> str:
         return f.read()
 
 
+async def read_questions(args: argparse.Namespace) -> list[str]:
+    """The lines of ``--questions`` (blank ones skipped), or the 8 built-in questions."""
+    if not args.questions:
+        return list(QUESTIONS)
+    lines = (await asyncio.to_thread(_read_text, args.questions)).splitlines()
+    return [q.strip() for q in lines if q.strip()]
+
+
 def _write_text(path: str, text: str) -> None:
     with open(path, "w", encoding="utf-8") as f:
         f.write(text)
@@ -571,11 +579,7 @@ async def run(args: argparse.Namespace) -> int:
         from .bench_floor import report as floor_report
         from .bench_floor import text as floor_text
 
-        texts = QUESTIONS
-        if args.questions:
-            lines = (await asyncio.to_thread(_read_text, args.questions)).splitlines()
-            texts = [q.strip() for q in lines if q.strip()]
-        utterances = await asyncio.to_thread(synthesize_questions, texts)
+        utterances = await asyncio.to_thread(synthesize_questions, await read_questions(args))
         floor = await asyncio.to_thread(floor_report, utterances)
         print(floor_text(floor))
         if args.json_path:
@@ -589,11 +593,7 @@ async def run(args: argparse.Namespace) -> int:
         from .bench_long import run_long_call
 
         return await run_long_call(args)
-    texts = QUESTIONS
-    if args.questions:
-        texts = [
-            q.strip() for q in (await asyncio.to_thread(_read_text, args.questions)).splitlines() if q.strip()
-        ]
+    texts = await read_questions(args)
     levels_wanted = sorted({int(n) for n in str(args.concurrency).split(",") if n.strip()})
     serve_args, serve_workers = pop_workers(serve_args_of(args))
     nodes = _counts(args.nodes, "--nodes")

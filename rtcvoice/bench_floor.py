@@ -27,7 +27,7 @@ from typing import Any
 import av
 import numpy as np
 
-from .audio import WEBRTC_RATE, Int16Audio, StreamResampler, resample_pcm
+from .audio import WEBRTC_RATE, Int16Audio, StreamResampler, int16_to_float, resample_pcm
 
 FRAME = WEBRTC_RATE // 50  # 20 ms
 
@@ -95,7 +95,7 @@ def media_floor(speech: Int16Audio, rate: int) -> dict[str, float]:
         pcm16.extend(resampler.frame(f) for f in decoded)
 
     resample_s = _cpu(resample)
-    audio16 = np.concatenate(pcm16).astype(np.float32) / 32768.0
+    audio16 = int16_to_float(np.concatenate(pcm16))
     vad = SileroVad()
 
     def silero() -> None:
@@ -143,7 +143,7 @@ def stt_floor(utterances: list[tuple[str, Int16Audio, int]], threads: int = 0) -
     stt = WhisperStt(threads=threads)
 
     async def run() -> list[float]:
-        clips = [resample_pcm(pcm, rate, 16_000).astype(np.float32) / 32768.0 for _t, pcm, rate in utterances]
+        clips = [int16_to_float(resample_pcm(pcm, rate, 16_000)) for _t, pcm, rate in utterances]
         await stt.transcribe(clips[0])  # loads and warms the model
         costs = []
         for clip in clips:

@@ -32,15 +32,14 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
-from aiortc import RTCPeerConnection, RTCSessionDescription
+from aiortc import RTCSessionDescription
 
 from .audio import Int16Audio, rms_dbfs
+from .bench import CALLER_JITTER_FRAMES, CAPACITY_FACTOR, read_questions
 from .client import SPEECH_DBFS, CallError, VoiceCallClient
-from .transports.jitter import set_jitter_buffer
+from .transports.ice import rtc_configuration
 
 KINDS = ("rtcvoice", "pipecat", "fastrtc")
-CAPACITY_FACTOR = 1.5
-CALLER_JITTER_FRAMES = 3  # as in bench.py: what a browser holds
 
 
 @dataclass(frozen=True)
@@ -80,23 +79,8 @@ class PeerCall(VoiceCallClient):
         import aiohttp
 
         self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout))
-        pc = RTCPeerConnection()
-        self.pc = pc
-        failed = asyncio.Event()
-
-        @pc.on("connectionstatechange")
-        def _state() -> None:
-            if pc.connectionState == "failed":
-                failed.set()
-
-        sender = pc.addTrack(self.mic)
-        receiver = next(t.receiver for t in pc.getTransceivers() if t.sender is sender)
-        self.inbound = set_jitter_buffer(receiver, self.jitter_frames)
-        # pipecat's client opens one for its RTVI messages; fastrtc's docs say it is needed.
-        channel = pc.createDataChannel("text" if self.target.kind == "fastrtc" else "pipecat")
-        channel.on("open", self._channel_open.set)
-        self._channel = channel
-        pc.on("track", self._on_track)
+        # pipecat's client opens a data channel for its RTVI messages; fastrtc's docs say it needs one.
+        pc, failed = self._peer(rtc_configuration([]), "text" if self.target.kind == "fastrtc" else "pipecat")
         await pc.setLocalDescription(await pc.createOffer())
         body: dict[str, Any] = {"sdp": pc.localDescription.sdp, "type": pc.localDescription.type}
         path = "/api/offer"
@@ -356,17 +340,13 @@ def _fmt(v: float | None) -> str:
 
 
 async def run_peers(args: argparse.Namespace) -> int:
-    from .bench import QUESTIONS, _read_text, _write_text, synthesize_questions
+    from .bench import _write_text, synthesize_questions
 
     try:
         targets = [parse_target(spec) for spec in args.peer]
     except ValueError as exc:
         raise SystemExit(f"rtcvoice bench: {exc}") from None
-    texts = QUESTIONS
-    if args.questions:
-        texts = [
-            q.strip() for q in (await asyncio.to_thread(_read_text, args.questions)).splitlines() if q.strip()
-        ]
+    texts = await read_questions(args)
     utterances = await asyncio.to_thread(synthesize_questions, texts)
     counts = sorted({int(n) for n in str(args.concurrency).split(",") if n.strip()})
     levels: dict[str, dict[int, PeerLevel]] = {

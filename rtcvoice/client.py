@@ -22,7 +22,7 @@ from typing import Any
 import aiohttp
 import av
 import numpy as np
-from aiortc import RTCIceServer, RTCPeerConnection, RTCSessionDescription
+from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
 from .audio import WEBRTC_RATE, Int16Audio, StreamResampler, resample_pcm, rms_dbfs
@@ -296,7 +296,23 @@ class VoiceCallClient:
                 "relay-only needs a TURN server, and session/start offered none: "
                 "configure the server's --ice-servers with a turn: URL and --turn-secret"
             )
-        pc = RTCPeerConnection(rtc_configuration(ice, relay_only=self.relay_only))
+        pc, failed = self._peer(rtc_configuration(ice, relay_only=self.relay_only), "events")
+        await pc.setLocalDescription(await pc.createOffer())
+        if self.relay_only and not has_relay_candidate(pc.localDescription.sdp):
+            await self._explain_missing_relay()
+        answer = await self._post(
+            started.get("offer_url", f"{API}/session/{self.session_id}/offer"),
+            {"sdp": pc.localDescription.sdp, "type": pc.localDescription.type},
+        )
+        await pc.setRemoteDescription(RTCSessionDescription(sdp=answer["sdp"], type=answer["type"]))
+        await self._wait_connected(failed, timeout)
+        self.candidate_pair = self.selected_candidate_pair()
+
+    def _peer(self, configuration: RTCConfiguration, channel: str) -> tuple[RTCPeerConnection, asyncio.Event]:
+        """The call's peer connection, before the offer: the microphone out, the reply recorded
+        through the jitter buffer, a data channel named ``channel`` whose messages are events.
+        The event is set if ICE fails (:meth:`_wait_connected`)."""
+        pc = RTCPeerConnection(configuration)
         self.pc = pc
         failed = asyncio.Event()
 
@@ -310,28 +326,19 @@ class VoiceCallClient:
         sender = pc.addTrack(self.mic)
         receiver = next(t.receiver for t in pc.getTransceivers() if t.sender is sender)
         self.inbound = set_jitter_buffer(receiver, self.jitter_frames)  # and lost packets concealed
-        channel = pc.createDataChannel("events")
+        data = pc.createDataChannel(channel)
 
-        @channel.on("open")
+        @data.on("open")
         def _open() -> None:
             self._channel_open.set()
 
-        @channel.on("message")
+        @data.on("message")
         def _message(message: str | bytes) -> None:
             self._spawn(self._on_message(message))
 
-        self._channel = channel
+        self._channel = data
         pc.on("track", self._on_track)
-        await pc.setLocalDescription(await pc.createOffer())
-        if self.relay_only and not has_relay_candidate(pc.localDescription.sdp):
-            await self._explain_missing_relay()
-        answer = await self._post(
-            started.get("offer_url", f"{API}/session/{self.session_id}/offer"),
-            {"sdp": pc.localDescription.sdp, "type": pc.localDescription.type},
-        )
-        await pc.setRemoteDescription(RTCSessionDescription(sdp=answer["sdp"], type=answer["type"]))
-        await self._wait_connected(failed, timeout)
-        self.candidate_pair = self.selected_candidate_pair()
+        return pc, failed
 
     async def _explain_missing_relay(self) -> None:
         assert self.turn_server is not None

@@ -21,7 +21,6 @@ import argparse
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -29,6 +28,8 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+
+from rtcvoice.cluster.workers import free_ports
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
@@ -39,12 +40,6 @@ PYTHON = {
 }
 SILERO_V4 = HERE / ".cache" / "silero_vad_v4.onnx"
 CONFIGS = ("defaults", "tuned", "silence")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def system_prompt() -> str:
@@ -93,7 +88,7 @@ def stacks(config: str, *, instant: bool, args: argparse.Namespace, logs: Path) 
     """The LLM server and the three stacks for ``config``; yields the ``--peer`` specs."""
     procs = Procs(logs)
     try:
-        llm_port = free_port()
+        llm_port = free_ports()
         llm = ["--port", str(llm_port), "--max-tokens", str(args.max_tokens)]
         procs.start(
             "llm",
@@ -105,7 +100,7 @@ def stacks(config: str, *, instant: bool, args: argparse.Namespace, logs: Path) 
         common = ["--llm-url", llm_url, "--config", config, "--silence-ms", str(args.silence_ms)]
         common += ["--tts", tts, "--max-tokens", str(args.max_tokens), "--system-prompt", system_prompt()]
         specs = []
-        port = free_port()
+        port = free_ports()
         rtc = [str(PYTHON["rtcvoice"]), "-m", "rtcvoice", "serve", "--host", "0.0.0.0", "--port", str(port)]
         rtc += ["--agent", "openai", "--openai-base-url", llm_url, "--openai-api-key", "bench", "--tts", tts]
         rtc += ["--llm-max-tokens", str(args.max_tokens), "--db-path", str(logs / "rtcvoice.db")]
@@ -113,14 +108,14 @@ def stacks(config: str, *, instant: bool, args: argparse.Namespace, logs: Path) 
             rtc += ["--turn-policy", "silence", "--end-of-turn-silence-ms", str(args.silence_ms)]
         proc = procs.start("rtcvoice", rtc, f"http://127.0.0.1:{port}/livez")
         specs.append(("rtcvoice", port, proc.pid))
-        port = free_port()
+        port = free_ports()
         proc = procs.start(
             "pipecat",
             [str(PYTHON["pipecat"]), str(HERE / "pipecat_bot.py"), "--port", str(port), *common],
             f"http://127.0.0.1:{port}/calls",
         )
         specs.append(("pipecat", port, proc.pid))
-        port = free_port()
+        port = free_ports()
         proc = procs.start(
             "fastrtc",
             [str(PYTHON["fastrtc"]), str(HERE / "fastrtc_bot.py"), "--port", str(port), *common]

