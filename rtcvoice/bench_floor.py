@@ -7,7 +7,9 @@ pylibsrtp over libsrtp2) on the questions' own speech:
 * ``opus_decode``: 50 inbound packets (the caller's 20 ms frames), decoded as aiortc does;
 * ``resample_in``: the decoded 48 kHz audio to 16 kHz mono for the VAD and STT;
 * ``silero``: one speech probability per 32 ms window;
-* ``opus_encode``: 50 outbound frames (the reply, or the silence between replies);
+* ``opus_encode``: 50 outbound frames of speech, with the encoder the server's track runs (mono,
+  32 kb/s; ``OpusAudioTrack``), every frame encoded, as if the AI spoke the whole second (the
+  track encodes no frame of steady silence, so a call's real need is less);
 * ``srtp``: unprotecting the 50 inbound packets and protecting the 50 outbound ones.
 
 Their sum is the media floor per call-second. Transcription is per turn, not per second: the
@@ -28,6 +30,7 @@ import av
 import numpy as np
 
 from .audio import WEBRTC_RATE, Int16Audio, StreamResampler, int16_to_float, resample_pcm
+from .transports.tracks import opus_encoder
 
 FRAME = WEBRTC_RATE // 50  # 20 ms
 
@@ -55,7 +58,7 @@ def _frames(pcm48: Int16Audio) -> list[av.AudioFrame]:
 
 def media_floor(speech: Int16Audio, rate: int) -> dict[str, float]:
     """CPU seconds per call-second of each media part, on ``speech`` (looped to 10 s or more)."""
-    from aiortc.codecs.opus import OpusDecoder, OpusEncoder
+    from aiortc.codecs.opus import OpusDecoder
     from aiortc.jitterbuffer import JitterFrame
     from pylibsrtp import Policy, Session
 
@@ -67,14 +70,12 @@ def media_floor(speech: Int16Audio, rate: int) -> dict[str, float]:
     frames = _frames(pcm48)
     seconds = len(frames) / 50.0
 
-    encoder = OpusEncoder()
-    packets: list[bytes] = []
-    for frame in frames:
-        payloads, _ts = encoder.encode(frame)
-        packets.extend(payloads)
+    # What the caller sends: mono Opus at a voice bitrate, as browsers and rtcvoice's caller do.
+    encoder = opus_encoder()
+    packets = [bytes(p) for frame in frames for p in encoder.encode(frame)]
 
     def encode() -> None:
-        enc = OpusEncoder()
+        enc = opus_encoder()
         for frame in frames:
             enc.encode(frame)
 

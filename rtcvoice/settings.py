@@ -234,7 +234,10 @@ class Settings:
         96, "Speech shorter than this (ms) is ignored: it neither starts a turn nor interrupts the AI."
     )
     partial_interval_ms: int = _opt(
-        1000, "How often partial transcripts are produced while the user speaks (ms)."
+        1000,
+        "How often partial transcripts are produced while the user speaks (ms). The transcript of an "
+        "answer begun in a pause the caller then spoke through is shown as one, and the next waits "
+        "this long from it.",
     )
     max_utterance_s: float = _opt(30.0, "A single turn longer than this is ended and transcribed.")
     # -- speech to text -------------------------------------------------------------------------

@@ -108,6 +108,53 @@ async def test_a_pause_inside_a_sentence_does_not_answer_half_of_it(shared_engin
     assert conv.history[0]["content"] == finals[0]["text"]
 
 
+async def test_a_dropped_speculation_is_the_partial_transcript_not_a_second_pass(
+    shared_engines: Engines, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The pause starts a speculative answer; the caller goes on, which drops it. Its Whisper
+    # pass was paid for: its words show as the partial transcript, and no partial pass
+    # transcribes the same half sentence again.
+    conv, events, _sink = make(shared_engines, echo_agent(), partial_interval_ms=1000)
+    passes: list[float] = []
+    transcribe = shared_engines.stt.transcribe
+
+    async def counted(audio: Any, **kwargs: Any) -> str:
+        passes.append(audio.size / STT_RATE)
+        return await transcribe(audio, **kwargs)
+
+    speculations: list[int] = []
+    speculate = conv._speculate
+
+    def recorded() -> None:
+        speculations.append(conv._utterance.samples)
+        speculate()
+
+    monkeypatch.setattr(shared_engines.stt, "transcribe", counted)
+    monkeypatch.setattr(conv, "_speculate", recorded)
+    try:
+        await talk(
+            conv,
+            speak("Tell me a fun fact about", tail_s=0.3),
+            speak("the moon and the stars.", lead_s=0.0, tail_s=1.0),
+        )
+        await until(events, "end_of_response")
+    finally:
+        await conv.aclose()
+    partials = of(events, "partial_transcript")
+    assert partials and wer("Tell me a fun fact about", partials[0]["text"]) <= 0.2, partials
+    final = of(events, "final_transcript")[0]["text"]
+    assert wer("Tell me a fun fact about the moon and the stars.", final) <= 0.2, final
+    assert len(speculations) >= 2, speculations  # the dropped one and the one answered
+    # A partial pass comes a full interval after the last speculation (talk() feeds audio in
+    # real time, so seconds of audio are seconds of the call), never right after one to redo
+    # the half sentence it had heard.
+    starts = [n / STT_RATE for n in speculations]
+    partial_passes = [s for s in passes if s not in starts]
+    assert len(passes) - len(partial_passes) == len(speculations), (passes, starts)
+    for at in partial_passes:
+        assert at - max(s for s in starts if s <= at) >= 0.9, (passes, starts)
+
+
 async def test_the_answer_is_prepared_during_the_end_of_turn_silence(shared_engines: Engines) -> None:
     conv, events, sink = make(shared_engines, echo_agent())
     try:

@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Any
 
+import av
 import numpy as np
+from aiortc.codecs.opus import OpusDecoder
+from aiortc.jitterbuffer import JitterFrame
 from speech import speak
 
-from rtcvoice.audio import STT_RATE, int16_to_float, resample_pcm
+from rtcvoice.audio import STT_RATE, Int16Audio, int16_to_float, resample_pcm, rms_dbfs
 from rtcvoice.conversation.chunker import SentenceChunker
 from rtcvoice.conversation.turns import TurnDetector, TurnEvent
 from rtcvoice.engines import Engines
-from rtcvoice.transports.tracks import FRAME_SAMPLES, PacedAudioTrack
+from rtcvoice.transports.tracks import FRAME_SAMPLES, OpusAudioTrack, PacedAudioTrack
 
 
 def feed(detector: TurnDetector, probs: list[float]) -> list[tuple[int, TurnEvent]]:
@@ -106,6 +110,62 @@ async def test_paced_track_sends_20ms_frames_on_time_with_silence_when_idle() ->
     assert data[0].min() == 1000 and data[1][:100].min() == 1000 and not data[1][100:].any()
     assert not any(d.any() for d in data[2:])
     track.stop()
+
+
+async def opus_stream(track: OpusAudioTrack, n: int, at: dict[int, Int16Audio]) -> list[av.Packet[Any]]:
+    """``n`` packets from ``track``, writing ``at[i]`` just before packet ``i`` is pulled."""
+    packets = []
+    for i in range(n):
+        if i in at:
+            track.write(at[i])
+        packets.append(await track.recv())
+    track.stop()
+    return packets
+
+
+def decode(packets: list[av.Packet[Any]]) -> Int16Audio:
+    """What a receiver plays: one Opus decoder over the whole stream (left channel)."""
+    decoder = OpusDecoder()
+    out = []
+    for p in packets:
+        ts = int(p.pts or 0)
+        for frame in decoder.decode(JitterFrame(data=bytes(p), timestamp=ts)):
+            out.append(frame.to_ndarray().reshape(-1, 2)[:, 0])
+    return np.concatenate(out)
+
+
+TONE = (np.sin(2 * np.pi * 440 * np.arange(FRAME_SAMPLES * 5) / 48_000) * 8000).astype(np.int16)
+
+
+async def test_opus_track_encodes_speech_and_repeats_the_encoders_own_silence() -> None:
+    track = OpusAudioTrack()
+    encoded: list[int] = []
+    encode = track._encode
+
+    def counted(samples: Int16Audio, pts: int) -> bytes:
+        encoded.append(pts // FRAME_SAMPLES)
+        return encode(samples, pts)
+
+    track._encode = counted  # type: ignore[method-assign]
+    packets = await opus_stream(track, 60, {2: TONE, 40: TONE})
+    assert [p.pts for p in packets] == [i * FRAME_SAMPLES for i in range(60)]
+    data = [bytes(p) for p in packets]
+    assert data[0] == data[1] and len(data[0]) <= 8  # the encoder's silence: a few bytes
+    # After the tone the encoder goes on (its look-ahead still holds the end) until it makes
+    # the same silence packet twice; from there that packet is repeated, not encoded again,
+    # until the next reply, which the encoder gets from its first frame.
+    again = next(i for i in range(8, 40) if data[i] == data[i - 1] and len(data[i]) <= 8)
+    assert again < 30 and len(set(data[again:40])) == 1, [len(d) for d in data]
+    skipped = set(range(60)) - set(encoded)
+    assert set(range(again + 1, 40)) <= skipped and not skipped & set(range(2, again + 1))
+    assert not skipped & set(range(40, 45))
+    pcm = decode(packets)
+    assert rms_dbfs(pcm[8 * FRAME_SAMPLES : 40 * FRAME_SAMPLES]) < -60  # the tone's end rings, then nothing
+    # Both replies are heard at the tone's level, each from its first frame.
+    for at in (2, 40):
+        for i in range(5):
+            heard = pcm[(at + i) * FRAME_SAMPLES + 480 : (at + i + 1) * FRAME_SAMPLES]
+            assert abs(rms_dbfs(heard) - rms_dbfs(TONE)) < 1.5, (at, i)
 
 
 async def test_flush_drops_queued_audio_and_reports_what_was_heard() -> None:

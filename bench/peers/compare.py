@@ -162,7 +162,9 @@ def main() -> None:
         "--capacity-utterances", type=int, default=4, help="utterances per call in the capacity run"
     )
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--capacity-rounds", type=int, default=1)
+    p.add_argument(
+        "--capacity-rounds", type=int, default=3, help="rounds of each capacity level (its p95 is noisy)"
+    )
     p.add_argument("--questions", default=str(ROOT / "bench" / "mixed.txt"))
     p.add_argument("--silence-ms", type=int, default=500)
     p.add_argument("--max-tokens", type=int, default=40)

@@ -12,8 +12,9 @@ speaking it (speaker.py) and storing messages (recording.py).
 
 Ownership: each user turn's work (final STT, agent, TTS) runs in one task, ``_turn_task``;
 barge-in cancels exactly that task and flushes the sink. Partial transcripts run in
-``_partial_task``, the check of a sound over the AI in its own side task. :meth:`aclose` cancels
-and awaits them all and is idempotent.
+``_partial_task``, the check of a sound over the AI in its own side task, and a speculative
+turn's transcription in its own task too (it outlives the turn: see :meth:`_speculate`).
+:meth:`aclose` cancels and awaits them all and is idempotent.
 """
 
 from __future__ import annotations
@@ -251,7 +252,24 @@ class Conversation:
         self._cancel_partial()
         turn = Turn(id=uuid.uuid4().hex[:12], source="voice", speculative=True)
         self._speculation = turn
-        self._start_turn(turn, self._voice_turn(turn, audio))
+        # The Whisper pass outlives the turn. A caller who goes on after a short pause drops the
+        # turn, but not the CPU already spent: its words are the partial transcript of the
+        # sentence so far, and the next partial waits a full interval from here. Before, a
+        # partial pass followed nearly every dropped speculation, on nearly the same audio
+        # (a third of all passes on bench/mixed.txt).
+        transcript = asyncio.create_task(self._transcribe(audio), name=f"stt-{turn.id}")
+        self._own(transcript)
+        transcript.add_done_callback(lambda task: self._dropped_transcript(turn, task))
+        self._last_partial_at = time.monotonic()
+        self._start_turn(turn, self._voice_turn(turn, audio, transcript))
+
+    def _dropped_transcript(self, turn: Turn, task: asyncio.Task[str]) -> None:
+        """A speculative turn's transcript is in: if the turn was dropped, show it as a partial."""
+        if task.cancelled() or task.exception() is not None:
+            return  # a turn still alive reports the error; a dropped one has nobody to tell
+        if self._closed or self._speculation is turn or turn.committed.is_set():
+            return  # the turn itself shows it, as its final transcript
+        self._show_partial(task.result())
 
     def _end_on_verdict(self, turn: Turn) -> None:
         """End the speculative turn if its verdict is in and the silence has lasted as long as it says."""
@@ -328,7 +346,7 @@ class Conversation:
 
     async def _check_sound(self, pending: PendingInterruption, audio: Int16Audio) -> None:
         try:
-            text = await self.engines.stt.transcribe(int16_to_float(audio), language=self.config.language)
+            text = await self._transcribe(audio)
         except EngineError as exc:
             log.warning("session %s: could not transcribe a sound over the AI: %s", self.session_id, exc)
             text = ""
@@ -443,13 +461,19 @@ class Conversation:
 
     async def _partial(self, audio: Int16Audio) -> None:
         try:
-            text = await self.engines.stt.transcribe(int16_to_float(audio), language=self.config.language)
+            text = await self._transcribe(audio)
         except EngineError as exc:
             log.warning("session %s: partial transcription failed: %s", self.session_id, exc)
             return
+        self._show_partial(text)
+
+    def _show_partial(self, text: str) -> None:
         if text and text != self._last_partial_text and self.detector.in_speech:
             self._last_partial_text = text
             self.emit("partial_transcript", text=text)
+
+    async def _transcribe(self, audio: Int16Audio) -> str:
+        return await self.engines.stt.transcribe(int16_to_float(audio), language=self.config.language)
 
     def _cancel_partial(self) -> None:
         if self._partial_task is not None and not self._partial_task.done():
@@ -477,10 +501,14 @@ class Conversation:
             self.emit("error", turn, code="internal_error", message="The server failed to answer this turn.")
             self._finish(turn, interrupted=False)
 
-    async def _voice_turn(self, turn: Turn, audio: Int16Audio) -> None:
+    async def _voice_turn(
+        self, turn: Turn, audio: Int16Audio, transcript: asyncio.Task[str] | None = None
+    ) -> None:
+        """Answer one utterance; ``transcript`` is its transcription already running (speculation)."""
         turn.mark("stt_start")
         try:
-            text = await self.engines.stt.transcribe(int16_to_float(audio), language=self.config.language)
+            # Shielded: dropping the turn must not cancel a transcription it does not own alone.
+            text = await (self._transcribe(audio) if transcript is None else asyncio.shield(transcript))
         except EngineError as exc:
             await turn.committed.wait()
             self._reveal(turn, ("error", {"code": exc.code, "message": str(exc)}))

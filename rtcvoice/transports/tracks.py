@@ -5,6 +5,15 @@ queued with :meth:`write`; aiortc's sender calls :meth:`recv` and gets one frame
 wall-clock time (the pts advances by exactly one frame per call, so the receiver sees a steady
 clock even if a call comes late). The playhead is tracked in samples so callers can wait for a
 given sample to be played (first-audio latency, knowing what was said before a barge-in).
+
+:class:`OpusAudioTrack` is the same track handing aiortc Opus packets instead of frames. Given
+a frame, aiortc's sender measures its level in a pure-Python loop over every sample (RFC 6465,
+~135 us a frame), then encodes it as 48 kHz stereo at 96 kbps in the default executor (~265 us),
+50 times a second whether the AI speaks or not: the largest part of a call's media CPU
+(``rtcvoice bench --floor``). Here speech is encoded as what it is, mono, at a voice bitrate, and
+steady silence (most of a call) is the encoder's own silence packet, repeated without encoding.
+The server speaks through it; the headless client's microphone stays on aiortc's encoder, whose
+96 kb/s the accuracy tests were set against.
 """
 
 from __future__ import annotations
@@ -13,6 +22,7 @@ import asyncio
 import fractions
 import time
 from collections import deque
+from typing import Any
 
 import av
 import numpy as np
@@ -24,6 +34,9 @@ FRAME_SAMPLES = WEBRTC_RATE // 50  # 20 ms
 TIME_BASE = fractions.Fraction(1, WEBRTC_RATE)
 # A frame pulled this much later than its slot means the receiver heard a gap.
 UNDERRUN_SLACK_S = 0.06
+# About what browsers send a microphone at (mono); aiortc's own encoder spends 96 kb/s on
+# stereo copies of the same samples. The bitrate barely changes the encoder's CPU.
+OPUS_BITRATE = 32_000
 
 
 class Playhead:
@@ -143,7 +156,9 @@ class PlayheadSink:
         return self.playhead.wait_played(position)
 
 
-class PacedAudioTrack(PlayheadSink, MediaStreamTrack):
+class PacedTrack(PlayheadSink, MediaStreamTrack):
+    """Pacing and the playhead; a subclass says what aiortc gets (frames or packets)."""
+
     kind = "audio"
 
     def __init__(self, sample_rate: int = WEBRTC_RATE) -> None:
@@ -158,7 +173,8 @@ class PacedAudioTrack(PlayheadSink, MediaStreamTrack):
         self.late_frames = 0
 
     # -- aiortc side ---------------------------------------------------------------------------
-    async def recv(self) -> av.AudioFrame:
+    async def _next_samples(self) -> Int16Audio:
+        """The next 20 ms of the playhead, at its slot on the wall clock."""
         if self.readyState != "live":
             raise MediaStreamError
         now = time.monotonic()
@@ -171,14 +187,79 @@ class PacedAudioTrack(PlayheadSink, MediaStreamTrack):
                 await asyncio.sleep(due - now)
             elif now - due > UNDERRUN_SLACK_S:
                 self.late_frames += 1
-        samples = self.playhead.take(FRAME_SAMPLES)
-        frame = av.AudioFrame.from_ndarray(samples.reshape(1, -1), format="s16", layout="mono")
-        frame.sample_rate = WEBRTC_RATE
-        frame.pts = self._pts
-        frame.time_base = TIME_BASE
         self.frames_sent += 1
-        return frame
+        return self.playhead.take(FRAME_SAMPLES)
 
     def stop(self) -> None:
         self.flush()
         super().stop()
+
+
+def _frame(samples: Int16Audio, pts: int) -> av.AudioFrame:
+    frame = av.AudioFrame.from_ndarray(samples.reshape(1, -1), format="s16", layout="mono")
+    frame.sample_rate = WEBRTC_RATE
+    frame.pts = pts
+    frame.time_base = TIME_BASE
+    return frame
+
+
+class PacedAudioTrack(PacedTrack):
+    """The paced track as PCM frames, for aiortc to encode (and for tests to read)."""
+
+    async def recv(self) -> av.AudioFrame:
+        samples = await self._next_samples()
+        return _frame(samples, self._pts)
+
+
+class OpusAudioTrack(PacedTrack):
+    """The paced track as Opus packets, which aiortc's sender only packs (see the module's doc).
+
+    Every frame goes through the encoder until it is in its steady silence: zeros in, the same
+    packet out twice in a row (three bytes; about 12 frames after speech, while the encoder's
+    look-ahead and analysis drain). From there until the next sound, that packet is sent again
+    without encoding: the same bytes the encoder would make, for none of its CPU.
+    """
+
+    def __init__(self, sample_rate: int = WEBRTC_RATE) -> None:
+        super().__init__(sample_rate)
+        self._encoder = opus_encoder()
+        self._quiet: bytes | None = None  # the packet the last silent frame became
+        self._silence: bytes | None = None  # the encoder's steady silence packet, once it is in it
+
+    async def recv(self) -> av.Packet[Any]:
+        samples = await self._next_samples()
+        pts = self._pts
+        loud = bool(samples.any())
+        payload = None if loud else self._silence
+        if payload is None:
+            loop = asyncio.get_running_loop()
+            payload = await loop.run_in_executor(None, self._encode, samples, pts)
+            if loud:
+                self._quiet = self._silence = None
+            else:
+                # A shortcut only where it changes nothing: handing over at the first silent
+                # frame, to one silence packet for all, measured 10 ms later voice-to-voice.
+                if payload == self._quiet:
+                    self._silence = payload
+                self._quiet = payload
+        packet = av.Packet(payload)
+        packet.pts = pts
+        packet.time_base = TIME_BASE
+        return packet
+
+    def _encode(self, samples: Int16Audio, pts: int) -> bytes:
+        # libopus makes exactly one packet of each 20 ms frame, from the first (FFmpeg's wrapper
+        # holds none back).
+        packets = self._encoder.encode(_frame(samples, pts))
+        return b"".join(bytes(p) for p in packets)
+
+
+def opus_encoder() -> av.AudioCodecContext:
+    codec = av.CodecContext.create("libopus", "w")
+    assert isinstance(codec, av.AudioCodecContext)
+    codec.sample_rate = WEBRTC_RATE
+    codec.layout = "mono"
+    codec.format = "s16"
+    codec.bit_rate = OPUS_BITRATE
+    codec.open()
+    return codec

@@ -1,7 +1,7 @@
 """The WebRTC transport: one aiortc peer connection per call.
 
 Inbound: the client's Opus track, decoded by aiortc (in its decoder thread), resampled to 16 kHz
-mono in the audio executor and fed to the conversation. Outbound: a :class:`PacedAudioTrack` on
+mono in the audio executor and fed to the conversation. Outbound: an :class:`OpusAudioTrack` on
 the same transceiver. Events: a data channel the client creates (``events``); events sent before
 it opens are queued, like pipecat's small-webrtc transport does, so none is lost.
 """
@@ -26,7 +26,7 @@ from ..conversation import Conversation, ConversationFactory
 from .ice import chosen_turn_server, has_relay_candidate, rtc_configuration, turn_allocation_error
 from .jitter import ConcealingBuffer, set_jitter_buffer
 from .limits import CallLimits, RateLimiter, watchdog
-from .tracks import PacedAudioTrack
+from .tracks import OpusAudioTrack
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ class WebRtcPeer:
         self._jitter_frames = jitter_frames
         self._on_closed = on_closed
         self.pc: RTCPeerConnection | None = None
-        self.track = PacedAudioTrack()
+        self.track = OpusAudioTrack()
         self.conversation: Conversation | None = None
         self._channel: RTCDataChannel | None = None
         self._outbox: deque[str] = deque(maxlen=MAX_QUEUED_EVENTS)
