@@ -23,14 +23,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from fractions import Fraction
 from typing import Any
 
 import av
 import numpy as np
 
 from .audio import WEBRTC_RATE, Int16Audio, StreamResampler, int16_to_float, resample_pcm
-from .transports.tracks import opus_encoder
+from .transports.tracks import opus_encoder, pcm_frame
 
 FRAME = WEBRTC_RATE // 50  # 20 ms
 
@@ -46,14 +45,7 @@ def _cpu(fn: Callable[[], Any], repeat: int = 3) -> float:
 
 
 def _frames(pcm48: Int16Audio) -> list[av.AudioFrame]:
-    frames = []
-    for i in range(0, pcm48.size - FRAME + 1, FRAME):
-        frame = av.AudioFrame.from_ndarray(pcm48[i : i + FRAME].reshape(1, -1), format="s16", layout="mono")
-        frame.sample_rate = WEBRTC_RATE
-        frame.pts = i
-        frame.time_base = Fraction(1, WEBRTC_RATE)
-        frames.append(frame)
-    return frames
+    return [pcm_frame(pcm48[i : i + FRAME], i) for i in range(0, pcm48.size - FRAME + 1, FRAME)]
 
 
 def media_floor(speech: Int16Audio, rate: int) -> dict[str, float]:

@@ -195,7 +195,8 @@ class PacedTrack(PlayheadSink, MediaStreamTrack):
         super().stop()
 
 
-def _frame(samples: Int16Audio, pts: int) -> av.AudioFrame:
+def pcm_frame(samples: Int16Audio, pts: int) -> av.AudioFrame:
+    """20 ms (or any run) of mono 48 kHz samples as the frame aiortc and the encoder take."""
     frame = av.AudioFrame.from_ndarray(samples.reshape(1, -1), format="s16", layout="mono")
     frame.sample_rate = WEBRTC_RATE
     frame.pts = pts
@@ -208,7 +209,7 @@ class PacedAudioTrack(PacedTrack):
 
     async def recv(self) -> av.AudioFrame:
         samples = await self._next_samples()
-        return _frame(samples, self._pts)
+        return pcm_frame(samples, self._pts)
 
 
 class OpusAudioTrack(PacedTrack):
@@ -250,7 +251,7 @@ class OpusAudioTrack(PacedTrack):
     def _encode(self, samples: Int16Audio, pts: int) -> bytes:
         # libopus makes exactly one packet of each 20 ms frame, from the first (FFmpeg's wrapper
         # holds none back).
-        packets = self._encoder.encode(_frame(samples, pts))
+        packets = self._encoder.encode(pcm_frame(samples, pts))
         return b"".join(bytes(p) for p in packets)
 
 
