@@ -182,8 +182,17 @@ async def _preflight(settings: Settings) -> None:
             await backend.close()
 
 
+GIL_SWITCH_INTERVAL_S = 0.001
+
+
 async def _serve(settings: Settings, *, worker_port: int = 0) -> int:
     from aiohttp import web
+
+    # The engines' threads (the LLM's token loop, Whisper, TTS) need the GIL between native calls,
+    # and the event loop holds it for the media; at Python's default of 5 ms a thread can wait
+    # that long for it, several times a token. 1 ms measured: first token 102 -> 88 ms beside a
+    # thread that holds the GIL a quarter of the time (the bench's "first words" notes).
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
 
     from .engines import EngineError, load_engines
     from .engines.languages import check_language

@@ -650,6 +650,39 @@ async def test_a_prepared_local_agent_holds_the_history_and_answers_as_an_unprep
 
 
 @needs_local
+async def test_a_local_agent_reads_the_callers_words_so_far_before_the_turn_ends(
+    local_agent: LocalLlamaAgent,
+) -> None:
+    history: list[ChatMessage] = [
+        {"role": "system", "content": "You are terse."},
+        {"role": "user", "content": "My name is Ada."},
+        {"role": "assistant", "content": "Hello Ada."},
+    ]
+    question: ChatMessage = {"role": "user", "content": "What is the capital city of France?"}
+    unprepared = "".join(await collect(local_agent, [*history, question], timeout=30))
+    await local_agent.prepare(history)
+    await collect(local_agent, [*history, question], timeout=30)
+    assert local_agent.last_turn is not None
+    after_history = local_agent.last_turn.evaluated  # the question and the markup that closes it
+
+    await local_agent.prepare(history)
+    await local_agent.prepare(history, said="What is the capital")  # a partial transcript
+    assert local_agent.last_prefill is not None and 0 < local_agent.last_prefill.evaluated <= 6
+    answer = "".join(await collect(local_agent, [*history, question], timeout=30))
+    assert local_agent.last_turn is not None
+    # The turn read only the words after the partial ones (and the markup), not the whole question.
+    assert local_agent.last_turn.evaluated <= after_history - 4, (local_agent.last_turn, after_history)
+    assert answer == unprepared  # temperature 0: the cache changes the speed, not the answer
+
+    # Words on top of a cache that holds another prompt (another call's) are not read: a guess
+    # must not evict a prompt that was read for sure.
+    await local_agent.prepare([{"role": "system", "content": "Something else entirely."}])
+    other = local_agent.last_prefill
+    await local_agent.prepare(history, said="What is the capital")
+    assert local_agent.last_prefill is other
+
+
+@needs_local
 async def test_local_agent_reports_the_tokens_its_streamed_reply_cost(local_agent: LocalLlamaAgent) -> None:
     question: list[ChatMessage] = [{"role": "user", "content": "Tell me about the history of France."}]
     for max_tokens in (5, 200):  # cut at the limit, and (most likely) ended by the model

@@ -342,12 +342,35 @@ async def test_a_caller_who_goes_on_after_a_question_shaped_pause_is_answered_as
 
 
 class PreparingEcho(EchoAgent):
-    def __init__(self) -> None:
+    def __init__(self, events: list[dict[str, Any]] | None = None) -> None:
         super().__init__()
         self.prepared: list[list[dict[str, str]]] = []
+        self.events = events  # where a prepare with the caller's words is noted, in order
 
-    async def prepare(self, messages: list[Any]) -> None:
+    async def prepare(self, messages: list[Any], *, said: str = "") -> None:
         self.prepared.append([dict(m) for m in messages])
+        if said and self.events is not None:
+            self.events.append({"type": "prepared_words", "said": said})
+
+
+async def test_the_agent_reads_the_callers_words_so_far_while_the_caller_speaks(
+    shared_engines: Engines,
+) -> None:
+    agent = PreparingEcho()
+    conv, events, _sink = make(shared_engines, agent, partial_interval_ms=700)
+    agent.events = events
+    try:
+        await talk(conv, speak("Could you tell me a fun fact about the moon and the stars tonight?", tail_s=1.0))
+        await until(events, "end_of_response")
+    finally:
+        await conv.aclose()
+    kinds = [e["type"] for e in events]
+    partials = [e["text"] for e in events if e["type"] == "partial_transcript"]
+    prepared = [e["said"] for e in events if e["type"] == "prepared_words"]
+    # Each partial transcript is handed on to be read while the caller still speaks, before
+    # the turn ends; none while the reply is out.
+    assert prepared and prepared == partials, (prepared, partials)
+    assert max(i for i, k in enumerate(kinds) if k == "prepared_words") < kinds.index("final_transcript")
 
 
 async def test_the_agent_reads_the_history_before_the_next_turn_is_asked(shared_engines: Engines) -> None:

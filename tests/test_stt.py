@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import numpy as np
@@ -104,3 +105,39 @@ async def test_a_window_too_short_for_whisper_falls_back_instead_of_repeating_it
         assert wer(text, heard) <= 0.2, heard
     finally:
         await tiny_window.aclose()
+
+
+async def test_a_cancelled_transcription_counts_as_pending_until_its_pass_ends(
+    stt: WhisperStt, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A partial overtaken by the end of the turn is cancelled, but Whisper cannot stop mid-pass:
+    # until the pass ends the model is busy, and optional work must not be queued behind it.
+    import threading
+
+    entered, release = threading.Event(), threading.Event()
+    passes: list[str] = []
+    transcribe = stt._transcribe
+
+    def slow(*args: Any) -> str:
+        entered.set()
+        release.wait(10)
+        text = transcribe(*args)
+        passes.append(text)
+        return text
+
+    monkeypatch.setattr(stt, "_transcribe", slow)
+    running = asyncio.create_task(stt.transcribe(audio(SHORT[0])))
+    assert await asyncio.to_thread(entered.wait, 10)
+    queued = asyncio.create_task(stt.transcribe(audio(SHORT[1])))
+    await asyncio.sleep(0.05)
+    assert stt.pending == 2
+    for task in (running, queued):
+        task.cancel()
+    await asyncio.gather(running, queued, return_exceptions=True)
+    assert stt.pending == 1  # the running pass; the queued one was dropped before it began
+    release.set()
+    for _ in range(200):
+        if stt.pending == 0:
+            break
+        await asyncio.sleep(0.05)
+    assert stt.pending == 0 and len(passes) == 1

@@ -91,6 +91,21 @@ def test_chunker_leaves_a_short_first_sentence_whole() -> None:
     ]
 
 
+def test_chunker_cuts_at_the_full_stop_token_without_waiting_for_the_next_word() -> None:
+    # As SmolLM2 streams it: the full stop is a token of its own, the space comes with the next word.
+    c = SentenceChunker()
+    pushed = [c.push(t) for t in ["The", " capital", " of", " France", " is", " Paris", "."]]
+    assert pushed[-1] == ["The capital of France is Paris."] and not any(pushed[:-1])
+    # A point after a number, an abbreviation or an initial waits for what follows it.
+    for tokens, whole in (
+        (["It", " costs", " 3", ".", "5", " euros", "."], "It costs 3.5 euros."),
+        (["Ask", " Dr", ".", " Smith", " today", "."], "Ask Dr. Smith today."),
+        (["It", " is", " by", " F", ".", " Scott", "."], "It is by F. Scott."),
+    ):
+        c = SentenceChunker()
+        assert [p for t in tokens for p in c.push(t)] == [whole]
+
+
 def test_chunker_drops_pieces_without_words() -> None:
     c = SentenceChunker()
     assert c.push("Okay then. ") == ["Okay then."]

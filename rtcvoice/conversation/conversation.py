@@ -471,6 +471,11 @@ class Conversation:
         if text and text != self._last_partial_text and self.detector.in_speech:
             self._last_partial_text = text
             self.emit("partial_transcript", text=text)
+            if self._turn_task is None or self._turn_task.done():
+                # The reply's prompt holds these words: read them now, not after the caller stops
+                # (~5 ms a token on 2 cores). Not while a reply is still out: that reply's words
+                # are not in the history yet, and reading a prompt without them would evict them.
+                self._prepare_agent(said=text)
 
     async def _transcribe(self, audio: Int16Audio) -> str:
         return await self.engines.stt.transcribe(int16_to_float(audio), language=self.config.language)
@@ -653,13 +658,14 @@ class Conversation:
         system: ChatMessage = {"role": "system", "content": instructions}
         return [system, *context_window(history, self.settings.max_history_messages)]
 
-    def _prepare_agent(self) -> None:
-        """Let the agent read the next request's system prompt and history before it is asked."""
+    def _prepare_agent(self, said: str = "") -> None:
+        """Let the agent read the next request's system prompt and history before it is asked,
+        and the caller's words so far (``said``) while the caller is still speaking."""
         agent = self.engines.agent
         if self._closing or not isinstance(agent, PreparingAgent):
             return
         placeholder: ChatMessage = {"role": "user", "content": ""}
-        self._spawn(agent.prepare(self._request([*self.history, placeholder])[:-1]))
+        self._spawn(agent.prepare(self._request([*self.history, placeholder])[:-1], said=said))
 
     async def _speak(self, turn: Turn, sentences: asyncio.Queue[str | None]) -> None:
         if self.sink is None:

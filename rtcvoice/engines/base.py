@@ -208,10 +208,11 @@ def supports_tools(agent: Agent) -> bool:
 class PreparingAgent(Agent, Protocol):
     """An agent that can get ready for the next turn while the caller is still speaking."""
 
-    async def prepare(self, messages: list[ChatMessage]) -> None:
-        """``messages`` (system prompt and history) will open the next ``stream`` call.
+    async def prepare(self, messages: list[ChatMessage], *, said: str = "") -> None:
+        """``messages`` (system prompt and history) will open the next ``stream`` call, and
+        ``said`` is what the caller has said of its user turn so far (a partial transcript).
 
-        A local model evaluates them now, so that call only has to read the new user turn.
+        A local model evaluates them now, so that call only has to read the rest of the user turn.
         Best effort: failures are the agent's to log, and ``stream`` must not depend on it.
         """
         ...

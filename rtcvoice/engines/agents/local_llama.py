@@ -65,6 +65,8 @@ EMPTY_TURN: ChatMessage = {"role": "user", "content": ""}
 # history holds, for the calls that share the model.
 REMEMBERED_REPLIES = 256
 _SPLICE = re.compile(r"\x00(\d+)\x00")
+# Marks where the caller's words so far end in a rendered prompt (see _tokens' open_turn).
+_OPEN = "\x01"
 
 
 def embedded_model_path() -> Path | None:
@@ -246,8 +248,12 @@ class LocalLlamaAgent:
             self._llm = llm
         return self._llm
 
-    def _tokens(self, llm: Llama, messages: list[ChatMessage]) -> tuple[list[int], Any]:
+    def _tokens(
+        self, llm: Llama, messages: list[ChatMessage], *, open_turn: bool = False
+    ) -> tuple[list[int], Any]:
         """The prompt for ``messages`` (ending with the assistant's turn opened), and its stops.
+        With ``open_turn``, the prompt ends with the last message's words instead: the caller's
+        turn so far, still open (no end-of-turn markup, no assistant turn).
 
         A reply this agent gave is put back as the tokens it generated, not as its text tokenized
         again: the model picks tokens the tokenizer would not ("Sp"+"iders" where it writes
@@ -256,6 +262,8 @@ class LocalLlamaAgent:
         assert self._formatter is not None, "loaded with the model"
         spliced: list[list[int]] = []
         parts: list[ChatCompletionRequestMessage] = []
+        if open_turn:
+            messages = [*messages[:-1], {**messages[-1], "content": messages[-1]["content"] + _OPEN}]
         for m in messages:
             said = self._replies.get(m["content"]) if m["role"] == "assistant" else None
             if said is not None:
@@ -264,10 +272,11 @@ class LocalLlamaAgent:
             else:
                 parts.append(_to_llama(m))
         rendered = self._formatter(messages=parts)
-        pieces = _SPLICE.split(rendered.prompt)
+        text = rendered.prompt.split(_OPEN, 1)[0] if open_turn else rendered.prompt
+        pieces = _SPLICE.split(text)
         if len(pieces) != 2 * len(spliced) + 1:  # a template that rewrites contents: no splicing
             rendered = self._formatter(messages=[_to_llama(m) for m in messages])
-            pieces = [rendered.prompt]
+            pieces = [rendered.prompt.split(_OPEN, 1)[0] if open_turn else rendered.prompt]
         tokens: list[int] = []
         for i, piece in enumerate(pieces):
             if i % 2:
@@ -364,15 +373,26 @@ class LocalLlamaAgent:
         llm = self._load()
         llm.create_chat_completion(messages=[{"role": "user", "content": "Hi"}], max_tokens=1)
 
-    def _prefill(self, messages: list[ChatMessage]) -> None:
+    def _prefill(self, messages: list[ChatMessage], said: str) -> None:
         # An empty user turn after the history: llama.cpp keeps the evaluated prompt, and the
         # next request shares every token up to that turn's content, so only the new words are
         # left for the caller to wait on.
         llm = self._load()
         started = time.perf_counter()
-        kept, dropped = self._fit(llm, messages, EMPTY_TURN, self.max_tokens)
-        prompt, _ = self._tokens(llm, [*kept, EMPTY_TURN])
-        shifted = self._shift(llm, prompt)
+        turn: ChatMessage = {"role": "user", "content": said} if said else EMPTY_TURN
+        kept, dropped = self._fit(llm, messages, turn, self.max_tokens)
+        if said:
+            # The caller's words so far, on top of the history already read: the turn then reads
+            # only what came after them and the markup that closes it. Only ever on top: the cache
+            # may hold another call's prompt now, which this must not throw away for a guess.
+            prompt, _ = self._tokens(llm, [*kept, turn], open_turn=True)
+            head, _ = self._tokens(llm, [*kept, EMPTY_TURN], open_turn=True)
+            if llm.n_tokens < len(head) or list(llm.input_ids[: len(head)]) != head:
+                return
+            shifted = 0
+        else:
+            prompt, _ = self._tokens(llm, [*kept, EMPTY_TURN])
+            shifted = self._shift(llm, prompt)
         n_p_eval, t_p_eval = self._perf(llm)
         llm.create_completion(prompt=prompt, max_tokens=1, temperature=0.0)
         done_n, done_t = self._perf(llm)
@@ -501,7 +521,7 @@ class LocalLlamaAgent:
                 # only after this one has stopped.
                 stop.set()
 
-    async def prepare(self, messages: list[ChatMessage]) -> None:
+    async def prepare(self, messages: list[ChatMessage], *, said: str = "") -> None:
         if self._closed or self._lock.locked():
             # Busy with another call's reply: that call's prompt will replace this one in the
             # model's cache anyway, so preparing would only cost CPU.
@@ -510,7 +530,9 @@ class LocalLlamaAgent:
             if self._closed:
                 return
             try:
-                await asyncio.get_running_loop().run_in_executor(self._executor, self._prefill, messages)
+                await asyncio.get_running_loop().run_in_executor(
+                    self._executor, self._prefill, messages, said
+                )
             except Exception as exc:  # the next stream() evaluates the prompt itself
                 log.warning("local agent: preparing the next prompt failed: %r", exc)
 

@@ -16,10 +16,12 @@ repetitive falls back to the full window, as faster-whisper's own fallback would
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import zlib
 from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -190,13 +192,21 @@ class WhisperStt:
             return ""
         audio = framed_speech(audio, SAMPLE_RATE, lead_s=LEAD_S, tail_s=TAIL_S)
         loop = asyncio.get_running_loop()
+        # Counted until the pass itself ends, not the caller's wait: a cancelled caller (a partial
+        # overtaken by the end of the turn) leaves its pass running, and work started then would
+        # queue behind it. A pass still queued is cancelled with its caller.
+        job = self._executor.submit(self._transcribe, model, audio, language)
         self.pending += 1
+        job.add_done_callback(lambda _job: _call_soon(loop, self._pass_ended))
         try:
-            return await loop.run_in_executor(self._executor, self._transcribe, model, audio, language)
+            return await asyncio.wrap_future(job)
+        except asyncio.CancelledError:
+            raise
         except Exception as exc:
             raise SttError(f"Transcription failed: {exc}") from exc
-        finally:
-            self.pending -= 1
+
+    def _pass_ended(self) -> None:
+        self.pending -= 1
 
     @property
     def languages(self) -> frozenset[str] | None:
@@ -211,6 +221,12 @@ class WhisperStt:
 
     async def aclose(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _call_soon(loop: asyncio.AbstractEventLoop, callback: Callable[[], None]) -> None:
+    """Run ``callback`` on ``loop`` from another thread; nothing to do once the loop is closed."""
+    with contextlib.suppress(RuntimeError):
+        loop.call_soon_threadsafe(callback)
 
 
 def _repeats(text: str) -> bool:
