@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import time
 from typing import Any
 
 import numpy as np
@@ -360,7 +361,9 @@ async def test_the_agent_reads_the_callers_words_so_far_while_the_caller_speaks(
     conv, events, _sink = make(shared_engines, agent, partial_interval_ms=700)
     agent.events = events
     try:
-        await talk(conv, speak("Could you tell me a fun fact about the moon and the stars tonight?", tail_s=1.0))
+        await talk(
+            conv, speak("Could you tell me a fun fact about the moon and the stars tonight?", tail_s=1.0)
+        )
         await until(events, "end_of_response")
     finally:
         await conv.aclose()
@@ -390,3 +393,22 @@ async def test_the_agent_reads_the_history_before_the_next_turn_is_asked(shared_
         {"role": "user", "content": "Hello there."},
         {"role": "assistant", "content": "You said: Hello there."},
     ]
+
+
+async def test_a_quiet_closure_inside_a_word_starts_no_transcription(
+    shared_engines: Engines, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The level of a stop's closure falls as far as the end of a sentence does, but Silero's
+    # probability stays near 1 through it: only a quiet window where the probability has begun
+    # to fall starts an answer ahead of the VAD.
+    conv, _events, _sink = make(shared_engines, echo_agent(), partial_interval_ms=60_000)
+    started: list[int] = []
+    monkeypatch.setattr(conv, "_speculate", lambda: started.append(conv.detector.windows))
+    loud = (np.sin(np.arange(512) / 3.0) * 12000).astype(np.int16)
+    quiet = np.zeros(512, np.int16)
+    try:
+        for window, prob in [(loud, 0.99)] * 6 + [(quiet, 0.97), (loud, 0.99), (quiet, 0.6)]:
+            await conv._on_window(window, prob, time.monotonic())
+    finally:
+        await conv.aclose()
+    assert started == [9], started  # the last window, not the closure (the 7th)

@@ -47,7 +47,7 @@ from .replies import APOLOGY, read_reply
 from .speaker import AudioSink, speak
 from .tool_calls import ReplyTools
 from .turns import Turn, TurnDetector, TurnEvent
-from .utterance import Utterance
+from .utterance import QUIET_MAX_PROB, Utterance
 
 __all__ = ["APOLOGY", "AudioSink", "Conversation", "ConversationFactory", "Recorder", "Turn"]
 
@@ -233,7 +233,7 @@ class Conversation:
                 if not quiet:
                     self._drop_speculation()
                     self._maybe_partial()
-                elif self._speculation is None and not self._stt_busy():
+                elif self._speculation is None and prob < QUIET_MAX_PROB and not self._stt_busy():
                     self._speculate()  # the level fell before the VAD's probability did
             elif self._speculation is None:
                 if detector.silence_run >= SPECULATE_AFTER_WINDOWS:

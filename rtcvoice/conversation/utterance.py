@@ -17,6 +17,11 @@ from ..audio import Int16Audio, rms_dbfs
 # never drops that far, and speculation waits for the VAD as before.
 QUIET_BELOW_LOUDEST_DB = 35.0
 QUIET_DBFS = -45.0
+# ... and only where Silero's probability has begun to fall. Inside a word (a stop's closure) it
+# stays near 1 through the quiet window; after the last word it falls over 1-4 windows. Replayed
+# over the bench's and pauses.py's utterances, this gate kept 12 of the 16 windows the level rule
+# gains and dropped two thirds of the transcriptions it started for nothing (231 -> 164 dropped).
+QUIET_MAX_PROB = 0.8
 
 
 class Utterance:
