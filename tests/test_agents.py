@@ -625,15 +625,19 @@ async def test_local_agent_cancel_mid_generation_then_answers_again(local_agent:
     assert "".join(parts).strip()
 
 
+# A short history the prepared-prompt tests read ahead of a question.
+ADA_HISTORY: list[ChatMessage] = [
+    {"role": "system", "content": "You are terse."},
+    {"role": "user", "content": "My name is Ada."},
+    {"role": "assistant", "content": "Hello Ada."},
+]
+
+
 @needs_local
 async def test_a_prepared_local_agent_holds_the_history_and_answers_as_an_unprepared_one(
     local_agent: LocalLlamaAgent,
 ) -> None:
-    history: list[ChatMessage] = [
-        {"role": "system", "content": "You are terse."},
-        {"role": "user", "content": "My name is Ada."},
-        {"role": "assistant", "content": "Hello Ada."},
-    ]
+    history = list(ADA_HISTORY)
     question: ChatMessage = {"role": "user", "content": "What is my name?"}
     unprepared = "".join(await collect(local_agent, [*history, question], timeout=30))
     await local_agent.prepare([{"role": "system", "content": "Something else entirely."}])  # evicts it
@@ -653,11 +657,7 @@ async def test_a_prepared_local_agent_holds_the_history_and_answers_as_an_unprep
 async def test_a_local_agent_reads_the_callers_words_so_far_before_the_turn_ends(
     local_agent: LocalLlamaAgent,
 ) -> None:
-    history: list[ChatMessage] = [
-        {"role": "system", "content": "You are terse."},
-        {"role": "user", "content": "My name is Ada."},
-        {"role": "assistant", "content": "Hello Ada."},
-    ]
+    history = list(ADA_HISTORY)
     question: ChatMessage = {"role": "user", "content": "What is the capital city of France?"}
     unprepared = "".join(await collect(local_agent, [*history, question], timeout=30))
     await local_agent.prepare(history)
