@@ -131,8 +131,10 @@ def stt_floor(utterances: list[tuple[str, Int16Audio, int]], threads: int = 0) -
     """Median CPU seconds of one Whisper pass over an utterance (the server's model and threads)."""
     import asyncio
 
+    from .engines.blas import hold_blas_to_one_thread
     from .engines.stt.whisper import WhisperStt
 
+    hold_blas_to_one_thread()  # as the server does (load_engines)
     stt = WhisperStt(threads=threads)
 
     async def run() -> list[float]:

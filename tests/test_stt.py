@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import subprocess
+import sys
 from typing import Any
 
 import numpy as np
@@ -141,3 +144,32 @@ async def test_a_cancelled_transcription_counts_as_pending_until_its_pass_ends(
             break
         await asyncio.sleep(0.05)
     assert stt.pending == 0 and len(passes) == 1
+
+
+BLAS_THREADS = """
+import asyncio, json
+import numpy
+from threadpoolctl import threadpool_info
+from rtcvoice.engines import load_engines
+from rtcvoice.settings import Settings
+
+def blas_threads():
+    return [pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"]
+
+before = blas_threads()
+engines = asyncio.run(load_engines(Settings.from_env({}, agent="echo", tts="tone"), warm=False))
+print(json.dumps({"before": before, "after": blas_threads()}))
+"""
+
+
+def test_numpy_blas_runs_one_thread_once_the_engines_load() -> None:
+    """OpenBLAS's spare threads spin for work beside Whisper's encoder: on 2 cores a pass took half
+    again as long and twice the CPU (rtcvoice/engines/blas.py). In a fresh process, as the limit is
+    process-wide and this run's engines are already loaded."""
+    done = subprocess.run(
+        [sys.executable, "-c", BLAS_THREADS], capture_output=True, text=True, timeout=120, check=True
+    )
+    threads = json.loads(done.stdout.strip().splitlines()[-1])
+    if max(threads["before"], default=1) < 2:
+        pytest.skip("NumPy's BLAS runs one thread here anyway (one core, or no OpenBLAS)")
+    assert threads["after"] and set(threads["after"]) == {1}

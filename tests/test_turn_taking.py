@@ -106,6 +106,18 @@ def test_chunker_cuts_at_the_full_stop_token_without_waiting_for_the_next_word()
         assert [p for t in tokens for p in c.push(t)] == [whole]
 
 
+def test_chunker_cuts_a_run_on_first_piece_after_its_longest_wait_in_whole_words() -> None:
+    # No punctuation and no phrase word: before, nothing was spoken until the reply ended.
+    c = SentenceChunker()
+    tokens = ["Le", " Jura", ","] + [" het"] * 12 + [" he", "t", " het"] * 3
+    pieces = [(i, p) for i, t in enumerate(tokens) for p in c.push(t)]
+    assert pieces[0] == (15, "Le Jura," + " het" * 12)  # cut once the 15th word began
+    assert len(pieces) == 1 and c.flush() == [" ".join(["het"] * 6)]  # "he"+"t" kept whole
+    # A first sentence that ends sooner is left whole.
+    c = SentenceChunker()
+    assert c.push("I like it very much. ") == ["I like it very much."]
+
+
 def test_chunker_drops_pieces_without_words() -> None:
     c = SentenceChunker()
     assert c.push("Okay then. ") == ["Okay then."]

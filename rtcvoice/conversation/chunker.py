@@ -23,6 +23,10 @@ _PHRASE_START = re.compile(
 )
 # Words the first piece must have before such a cut: shorter sentences finish soon anyway.
 FIRST_PHRASE_WORDS = 7
+# The most words the first piece waits for: a run-on without punctuation or a phrase word ("Le
+# Jura, het het het ...", which the embedded model wrote in a bench run) was spoken only when the
+# reply ended, 40 tokens and ~850 ms after its first word.
+FIRST_MAX_WORDS = 14
 _ABBREVIATIONS = {
     "mr.",
     "mrs.",
@@ -55,11 +59,13 @@ class SentenceChunker:
         min_chars: int = 8,
         first_clause_chars: int = 16,
         first_phrase_words: int = FIRST_PHRASE_WORDS,
+        first_max_words: int = FIRST_MAX_WORDS,
     ) -> None:
         self._buf = ""
         self._min_chars = min_chars
         self._first_clause_chars = first_clause_chars
         self._first_phrase_words = first_phrase_words
+        self._first_max_words = first_max_words
         self._emitted = 0
 
     def push(self, delta: str) -> list[str]:
@@ -98,6 +104,13 @@ class SentenceChunker:
                 for m in _PHRASE_START.finditer(self._buf):
                     if len(self._buf[: m.start()].split()) >= self._first_phrase_words:
                         return self._take(m.end())
+            if self._first_max_words:
+                # Only whole words: the last one may still be streaming in.
+                spaces = list(re.finditer(r"\s+", self._buf.strip()))
+                if len(spaces) >= self._first_max_words:
+                    return self._take(
+                        len(self._buf) - len(self._buf.lstrip()) + spaces[self._first_max_words - 1].end()
+                    )
         return None
 
     def _sentence_ends(self, candidate: str) -> bool:

@@ -8,6 +8,7 @@ import time
 
 from ..settings import Settings
 from .base import Agent, AgentError, EngineError, Engines, SpeechToText, SttError, TextToSpeech, TtsError
+from .blas import hold_blas_to_one_thread
 from .eot import create_eot_models
 from .vad import SileroVad
 
@@ -24,6 +25,7 @@ async def load_engines(settings: Settings, *, warm: bool = True) -> Engines:
     from .tts import create_tts
 
     started = time.perf_counter()
+    hold_blas_to_one_thread()
     engines = Engines(
         stt=create_stt(settings),
         agent=create_agent(settings),
