@@ -10,7 +10,9 @@ transcript whose last word can end one.
 Some words sit in between: auxiliaries and modals ("we should"), subject pronouns, wh-words,
 prepositions that double as particles ("turn it on"). They end sentences now and then, so they
 pull the probability down without deciding. A preposition before a "?" ends a wh-question
-("What is that book about?", "Where are you from?"): those are finished. Elsewhere it counts as
+("What is that book about?", "Where are you from?") or a question with one inside it ("Thank
+you. Can you sum up what we talked about?", which waited the full max_end_of_turn_ms at the end
+of a long call): those are finished. Elsewhere it counts as
 half a question ("Can you book a table for?" is Whisper's "?" at a pause more often than not).
 In a long call the rule cost "What is that book about?" the full max_end_of_turn_ms.
 
@@ -58,6 +60,11 @@ FILLERS = frozenset("um uh er erm uhm hmm hm mm ah eh".split())
 # Punctuation that trails off: the sentence is not done.
 TRAILING_OFF = ("...", "…", ",", "-", "–", "—", ":", ";")
 _WORD = re.compile(r"[a-z0-9']+")
+_SENTENCE_BREAK = re.compile(r"[.!?…]\s+")
+
+
+def _last_sentence_words(text: str) -> list[str]:
+    return _WORD.findall(_SENTENCE_BREAK.split(text)[-1])
 
 
 @dataclass
@@ -96,7 +103,7 @@ class TrailingWordsModel:
         if last in self.never_last:
             return self.never
         if last in self.prepositions:
-            if asked and words[0] in WH_WORDS:
+            if asked and WH_WORDS.intersection(_last_sentence_words(stripped.lower())):
                 return self.question
             return self.stranded if asked else self.preposition
         if stripped.endswith(TRAILING_OFF):
