@@ -169,8 +169,13 @@ async def long_call(
         await client.connect()
         for n, (text, pcm, rate) in enumerate(questions, start=1):
             client.play(pcm, rate)
-            end = await client.wait_count("end_of_response", n, TURN_TIMEOUT_S)
-            await asyncio.sleep(0.3)  # the caller takes a breath before the next question
+            # Answered once every turn the server opened has ended, not at the next
+            # end_of_response: a turn ended at a pause inside the question ("Thank you. | Can you
+            # sum up ...") has its reply interrupted by the rest, and the reply to the whole
+            # question comes after. Its quiet second is the caller's breath before the next one.
+            await client.wait_played(TURN_TIMEOUT_S)
+            await client.wait_answered(TURN_TIMEOUT_S)
+            end = _answer(client)
             turn = _turn_from(client, n, text, end, 1, 0)
             usage = end.get("usage") or {}
             errors = [e for e in client.of_type("error") if e.get("turn_id") == end.get("turn_id")]
@@ -195,6 +200,14 @@ async def long_call(
     finally:
         await client.close()
     return turns
+
+
+def _answer(client: VoiceCallClient) -> dict[str, Any]:
+    """The last reply played to its end (the last end_of_response if every one was interrupted)."""
+    ends = client.of_type("end_of_response")
+    if not ends:
+        raise TimeoutError("the call settled without a reply")
+    return next((e for e in reversed(ends) if not e.get("interrupted")), ends[-1])
 
 
 def _row(t: LongTurn, max_tokens: int | None) -> str:

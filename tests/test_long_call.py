@@ -14,9 +14,12 @@ import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import numpy as np
 import pytest
+from conftest import ServerFactory
+from speech import speak
 
-from rtcvoice.bench_long import STAGES
+from rtcvoice.bench_long import STAGES, LoadSampler, long_call
 from rtcvoice.conversation.history import context_window
 from rtcvoice.engines.agents.local_llama import (
     N_CTX,
@@ -218,3 +221,19 @@ async def test_bench_long_call_reports_each_turn_and_the_percentiles(tmp_path: P
     for stage in STAGES:
         assert run["summary"][stage]["p50"] is not None and run["summary"][stage]["p95"] is not None
         assert data["median_of_runs"][stage]["p95"] == run["summary"][stage]["p95"]
+
+
+async def test_bench_long_call_records_the_reply_to_the_whole_question_when_it_pauses_inside(
+    start_server: ServerFactory,
+) -> None:
+    """A turn ended at the pause after "Thank you." gets a reply that the rest of the question
+    interrupts; the turn is answered by the reply after it. The bench took the first
+    end_of_response as the answer (the 20-turn call's last turn had no caller figure)."""
+    url = await start_server()
+    thanks, rate = speak("Thank you.", lead_s=0.3, tail_s=1.2)
+    ask, _ = speak("Can you sum up what we talked about?", lead_s=0.0, tail_s=1.2)
+    question = ("Thank you. Can you sum up what we talked about?", np.concatenate([thanks, ask]), rate)
+    with LoadSampler(url) as load:
+        (turn,) = await long_call(url, [question], None, load)
+    assert "sum up" in turn.reply.lower(), turn
+    assert turn.ms["client_voice_to_voice"] is not None
