@@ -27,6 +27,8 @@ FIRST_PHRASE_WORDS = 7
 # Jura, het het het ...", which the embedded model wrote in a bench run) was spoken only when the
 # reply ended, 40 tokens and ~850 ms after its first word.
 FIRST_MAX_WORDS = 14
+# A word known to be whole: the next one has begun after it (the last may still be streaming in).
+_WHOLE_WORD = re.compile(r"\S+\s+(?=\S)")
 _ABBREVIATIONS = {
     "mr.",
     "mrs.",
@@ -105,12 +107,9 @@ class SentenceChunker:
                     if len(self._buf[: m.start()].split()) >= self._first_phrase_words:
                         return self._take(m.end())
             if self._first_max_words:
-                # Only whole words: the last one may still be streaming in.
-                spaces = list(re.finditer(r"\s+", self._buf.strip()))
-                if len(spaces) >= self._first_max_words:
-                    return self._take(
-                        len(self._buf) - len(self._buf.lstrip()) + spaces[self._first_max_words - 1].end()
-                    )
+                words = list(_WHOLE_WORD.finditer(self._buf))
+                if len(words) >= self._first_max_words:
+                    return self._take(words[self._first_max_words - 1].end())
         return None
 
     def _sentence_ends(self, candidate: str) -> bool:

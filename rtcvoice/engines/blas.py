@@ -5,7 +5,8 @@ window) and Smart Turn's features. OpenBLAS, which NumPy's wheels bundle, splits
 per core, and those threads then spin for more work instead of sleeping, on the cores Whisper's
 encoder, the LLM and the media need at that moment. Held to one thread, a Whisper tiny.en pass
 over a 3 s sentence on 2 cores took 78 ms instead of 123 (median of 12) and half the CPU (125 ms
-instead of 250); four calls' server CPU per call-second fell 12% (bench/README.md, "OpenBLAS").
+instead of 250); the server's CPU per call-second fell 15-16% at one and four calls (bench/README.md,
+"NumPy's BLAS on one thread").
 """
 
 from __future__ import annotations
