@@ -220,9 +220,10 @@ class Settings:
     )
     barge_in_ms: int = _opt(
         640,
-        "Speech over the AI this long interrupts it. Shorter sounds (a cough, a click, 'okay') pause "
-        "the reply at once, which resumes where it stopped unless their words ask for the floor. 0: any "
-        "speech interrupts at once.",
+        "Speech over the AI this long interrupts it if its words so far are more than a listener's "
+        "noise ('mm-hmmm'), and twice this long whatever they are. Any sound (a cough, a click, 'okay') "
+        "pauses the reply at once, which resumes where it stopped unless its words ask for the floor. "
+        "0: any speech interrupts at once.",
     )
     rejoin_ms: int = _opt(
         1500,

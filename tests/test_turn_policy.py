@@ -183,7 +183,8 @@ async def speaking_call(
     return conv, events
 
 
-@pytest.mark.parametrize("sound", ["Uh-huh.", "Okay."])
+# "Okay, sure." (0.83 s) outlasts --barge-in-ms (640): its words, not its length, say it is no interruption.
+@pytest.mark.parametrize("sound", ["Uh-huh.", "Okay.", "Okay, sure."])
 async def test_a_backchannel_over_the_ai_pauses_its_reply_and_it_resumes_where_it_stopped(
     shared_engines: Engines, fake_openai: FakeOpenAI, sound: str
 ) -> None:

@@ -7,8 +7,9 @@ WebSocket calls, so every behaviour is written once.
 
 It orchestrates; the parts live beside it: the utterance being heard (utterance.py), speech and
 silence (turns.py), how much silence ends a turn (endpointing.py, the turn policy), whether a
-sound over the AI interrupts it (interruptions.py), reading the agent's reply (replies.py),
-speaking it (speaker.py) and storing messages (recording.py).
+sound over the AI interrupts it (interruptions.py), the tools the agent may call (call_tools.py),
+reading the agent's reply (replies.py), speaking it (speaker.py) and storing messages
+(recording.py).
 
 Ownership: each user turn's work (final STT, agent, TTS) runs in one task, ``_turn_task``;
 barge-in cancels exactly that task and flushes the sink. Partial transcripts run in
@@ -31,17 +32,18 @@ from typing import Any, Literal
 import numpy as np
 
 from ..audio import STT_RATE, Int16Audio, int16_to_float
-from ..engines.base import AgentContext, ChatMessage, EngineError, Engines, PreparingAgent, supports_tools
+from ..engines.base import AgentContext, ChatMessage, EngineError, Engines, PreparingAgent
 from ..engines.languages import language_name
 from ..engines.vad import WINDOW, WINDOW_MS, VadStream
 from ..settings import Settings
 from ..telemetry.logs import turn_id_var
-from ..tools import Tool, Toolbox, ToolError, ToolInvocation
+from ..tools import Toolbox, ToolInvocation
+from .call_tools import CallTools
 from .config import SessionConfig
 from .endpointing import TurnPolicy, Verdict, build_policy
 from .events import ClientEvent, EventError, parse_client_event
 from .history import context_window
-from .interruptions import PendingInterruption, asks_for_the_floor
+from .interruptions import SoundJudge, is_speech, rejoinable
 from .recording import Recorder, Writes
 from .replies import APOLOGY, read_reply
 from .speaker import AudioSink, speak
@@ -59,8 +61,6 @@ Event = dict[str, Any]
 SPECULATE_AFTER_WINDOWS = 1  # at the first silent window, start transcribing (see _speculate)
 PRE_ROLL_MS = 300  # audio kept from before the VAD fired, so the first syllable is transcribed
 WRITE_WAIT_S = 15.0  # how long closing a call waits for its messages to be stored
-# Speech this soon after the reply became audible may still be the rest of the caller's sentence.
-REJOIN_HEARD_S = 0.6
 # A push-to-talk client's end_of_input this soon after the silence ended the turn is about that turn.
 END_OF_INPUT_GRACE_S = 3.0
 
@@ -93,11 +93,7 @@ class Conversation:
         self._vad = vad
         self._executor = executor
         self._recorder = recorder
-        # The server's tools, and those the page declared it runs itself (session.update "tools").
-        # Offered to the agent only if it can call them (the embedded model cannot: see serve's log).
-        self.toolbox = tools
-        self.client_tools: dict[str, Tool] = {}
-        self._client_calls: dict[str, asyncio.Future[Any]] = {}  # browser tool calls awaiting the page
+        self.tools = CallTools(tools, settings, engines.agent, self.emit)
         # Set by the transport: ends the call with a reason (the AI hung up: agent_hangup).
         self.request_end: Callable[[str], None] | None = None
         self.config = SessionConfig(
@@ -126,7 +122,24 @@ class Conversation:
         self._turn_task: asyncio.Task[None] | None = None
         self._partial_task: asyncio.Task[None] | None = None
         self._speculation: Turn | None = None
-        self._sound: PendingInterruption | None = None  # a sound over the AI, being judged
+        # Judges a sound over the AI (a cough or an interruption?) where replies are heard and may
+        # be paused; elsewhere any speech over the AI interrupts at once.
+        self._sounds = (
+            SoundJudge(
+                settings=settings,
+                detector=self.detector,
+                utterance=self._utterance,
+                sink=sink,
+                transcribe=self._transcribe,
+                barge_in=lambda turn, rejoin: self._barge_in(turn, rejoin=rejoin),
+                end_user_turn=self._end_user_turn,
+                emit=self.emit,
+                own=self._own,
+                session_id=session_id,
+            )
+            if sink is not None and settings.barge_in_ms > 0
+            else None
+        )
         self._continues: str | None = None
         self._side_tasks: set[asyncio.Task[Any] | asyncio.Future[Any]] = set()
         self._writes = Writes(recorder)  # messages being stored
@@ -221,8 +234,8 @@ class Conversation:
 
         if event is TurnEvent.SPEECH_START:
             await self._on_speech_start()
-        elif self._sound is not None:
-            await self._judge_sound(self._sound, event)
+        elif self._sounds is not None and self._sounds.pending is not None:
+            await self._sounds.on_window(event)
         elif event is TurnEvent.TURN_END:
             self._end_user_turn(silence_ms=detector.turn_end_silence_ms)
         elif detector.in_speech:
@@ -310,91 +323,15 @@ class Conversation:
         self._last_partial_text = ""
         self._continues = None
         task, turn = self._turn_task, self._turn
-        if self._sound is not None:
-            # Another sound while the first is judged: judge them as one.
-            self._sound.cancel_check()
-            self._sound.speech_windows = 0
+        if self._sounds is not None and self._sounds.pending is not None:
+            self._sounds.again()
         elif task is not None and not task.done() and turn is not None:
-            rejoin = self._rejoinable(turn)
-            if self.sink is not None and self.settings.barge_in_ms > 0:
-                # Maybe a cough: hold the reply (not a sample is lost) while the sound is judged.
-                self._sound = PendingInterruption(turn, rejoin=rejoin)
-                self.sink.pause()
-                self.emit("playback_paused", turn)
+            rejoin = rejoinable(turn, self.settings, self._utterance.samples)
+            if self._sounds is not None:
+                self._sounds.begin(turn, rejoin=rejoin)  # maybe a cough: the reply waits, judged
             else:
                 await self._barge_in(turn, rejoin=rejoin)
         self.emit("speech_started")
-
-    # -- a sound over the AI: interruption or not (interruptions.py) --------------------------------
-    async def _judge_sound(self, pending: PendingInterruption, event: TurnEvent | None) -> None:
-        detector = self.detector
-        if detector.in_speech and detector.silence_run == 0:
-            pending.cancel_check()  # it goes on: judge it whole
-            pending.speech_windows += 1
-            if pending.speech_windows * WINDOW_MS + self.settings.min_speech_ms >= self.settings.barge_in_ms:
-                await self._confirm_interruption(pending)
-            return
-        if pending.check is None:
-            # The sound stopped: its words say whether it was meant for the AI.
-            audio = self._utterance.audio()
-            pending.check = asyncio.create_task(
-                self._check_sound(pending, audio), name=f"sound-{pending.turn.id}"
-            )
-            self._own(pending.check)
-        if event is TurnEvent.TURN_END:
-            detector.reset()  # the check ends it one way or the other
-
-    async def _check_sound(self, pending: PendingInterruption, audio: Int16Audio) -> None:
-        try:
-            text = await self._transcribe(audio)
-        except EngineError as exc:
-            log.warning("session %s: could not transcribe a sound over the AI: %s", self.session_id, exc)
-            text = ""
-        if self._sound is not pending or pending.check is not asyncio.current_task():
-            return
-        pending.check = None
-        # Words right after the caller's own turn ended go on with it ("... a table" "for four."),
-        # whatever they are; later, only words that ask for the floor interrupt the AI.
-        if _is_speech(text) and (pending.rejoin or asks_for_the_floor(text)):
-            log.info("session %s: %r over the AI interrupts it", self.session_id, text[:80])
-            await self._confirm_interruption(pending)
-            if not self.detector.in_speech:
-                self._end_user_turn()  # its words are the caller's next turn
-            return
-        self._end_sound()
-        self._utterance.take()
-        self.detector.reset()
-        log.info("session %s: %r over the AI; it goes on", self.session_id, text[:80])
-        self.emit("playback_resumed", pending.turn, heard=text)
-
-    async def _confirm_interruption(self, pending: PendingInterruption) -> None:
-        self._end_sound()  # the barge-in flushes what the pause held
-        await self._barge_in(pending.turn, rejoin=pending.rejoin)
-
-    def _end_sound(self) -> None:
-        """The sound over the AI is judged (or moot): the sink plays again, whatever comes next."""
-        sound, self._sound = self._sound, None
-        if sound is not None:
-            sound.cancel_check()
-            if self.sink is not None:
-                self.sink.resume()
-
-    def _rejoinable(self, turn: Turn) -> bool:
-        """Whether speech starting now goes on with ``turn`` (see _barge_in).
-
-        Only while the reply is new: a caller who has heard more of it than ``REJOIN_HEARD_S`` is
-        answering it ("uh-huh"), not finishing their sentence.
-        """
-        now = time.monotonic()
-        heard_at = turn.marks.get("first_audio_played")
-        return (
-            turn.silence_ms is not None  # a silence ended it (not the length limit, not the client)
-            and turn.ended_at is not None
-            and now - turn.ended_at <= self.settings.rejoin_ms / 1000.0
-            and (heard_at is None or now - heard_at <= REJOIN_HEARD_S)
-            and sum(w.size for w in turn.audio) + self._utterance.samples
-            < self.settings.max_utterance_s * STT_RATE
-        )
 
     async def _barge_in(self, turn: Turn, *, rejoin: bool) -> None:
         """The caller talks over the AI (or over its thinking): the new turn wins.
@@ -520,7 +457,7 @@ class Conversation:
             self._set_state("listening")
             return
         turn.mark("stt_end")
-        if not _is_speech(text):
+        if not is_speech(text):
             # Noise the VAD took for speech: nothing was said, so nothing is answered (and there is
             # no sentence to wait for the end of).
             turn.verdict = Verdict(self.settings.end_of_turn_silence_ms, reason="no_words")
@@ -612,40 +549,19 @@ class Conversation:
         self._finish(turn, interrupted=False)
 
     def _reply_tools(self, turn: Turn, sentences: asyncio.Queue[str | None]) -> ReplyTools | None:
-        tools = {**(self.toolbox.tools if self.toolbox is not None else {}), **self.client_tools}
-        if not tools or not supports_tools(self.engines.agent):
-            return None
+        def end_call() -> None:
+            turn.hang_up = True
 
-        def invocation(call_id: str) -> ToolInvocation:
-            def end_call() -> None:
-                turn.hang_up = True
-
-            return ToolInvocation(
-                call_id=call_id,
-                session_id=self.session_id,
-                thread_id=self.thread_id,
-                user_id=self.user_id,
-                timezone=self.config.timezone or self.settings.timezone or None,
-                end_call=end_call,
-            )
-
-        def say_filler(text: str) -> bool:
-            # Only before the reply has said anything: after, the caller is hearing it already.
-            if turn.ai_text:
-                return False
-            turn.ai_text += text + " "
-            self.emit("ai_text", turn, text=text + " ", filler=True)
-            sentences.put_nowait(text)
-            return True
-
-        return ReplyTools(
-            tools,
-            self.settings,
-            invocation=invocation,
-            committed=turn.committed,
-            emit=lambda type, **data: self.emit(type, turn, **data),
-            say_filler=say_filler,
-            record=turn.tool_messages,
+        caller = ToolInvocation(
+            call_id="",
+            session_id=self.session_id,
+            thread_id=self.thread_id,
+            user_id=self.user_id,
+            timezone=self.config.timezone or self.settings.timezone or None,
+            end_call=end_call,
+        )
+        return self.tools.for_reply(
+            turn, sentences, caller, lambda type, **data: self.emit(type, turn, **data)
         )
 
     def _request(self, history: list[ChatMessage]) -> list[ChatMessage]:
@@ -785,7 +701,8 @@ class Conversation:
         if self._speculation is not None:
             self._drop_speculation()  # nothing of it was shown yet
             return False
-        self._end_sound()
+        if self._sounds is not None:
+            self._sounds.end()
         task, turn = self._turn_task, self._turn
         if task is None or task.done() or turn is None:
             return False
@@ -831,7 +748,7 @@ class Conversation:
         elif event.type == "set_thread":
             await self._set_thread(data["thread_id"])
         elif event.type == "tool_result":
-            self._client_tool_result(data)
+            self.tools.answer(data)
 
     def end_of_input(self) -> None:
         """The client says the user is done (push-to-talk): end the turn without waiting for silence."""
@@ -886,56 +803,11 @@ class Conversation:
         self.emit("thread.updated", thread_id=thread_id, messages=len(history))
         self._prepare_agent()
 
-    def _client_tool_result(self, data: dict[str, Any]) -> None:
-        """The page's answer to a browser tool call of this call (no other call's ids are here)."""
-        waiting = self._client_calls.get(data["id"])
-        if waiting is None or waiting.done():
-            self.emit(
-                "error", code="unknown_tool_call", message=f"No tool call {data['id'][:64]!r} is waiting."
-            )
-            return
-        if isinstance(data.get("error"), str):
-            waiting.set_exception(ToolError(data["error"][:1000]))
-        else:
-            waiting.set_result(data.get("result"))
-
-    def set_client_tools(self, specs: list[dict[str, Any]]) -> None:
-        """The tools the page runs itself (browser tools); replaces those it declared before."""
-        taken = [s["name"] for s in specs if self.toolbox is not None and s["name"] in self.toolbox.tools]
-        if taken:
-            self.emit(
-                "error",
-                code="invalid_tools",
-                message=f"The server has tools named {', '.join(taken)}; the page's tools need other names.",
-            )
-            return
-        self.client_tools = {
-            s["name"]: Tool(
-                s["name"], s["description"], s["parameters"], run=self._run_on_client, source="browser"
-            )
-            for s in specs
-        }
-        if specs and not supports_tools(self.engines.agent):
-            self.emit(
-                "error",
-                code="tools_unsupported",
-                message=f"This server's agent ({self.engines.agent.name}) cannot call tools.",
-            )
-
-    async def _run_on_client(self, arguments: dict[str, Any], call: ToolInvocation) -> Any:
-        """A browser tool: the page got the tool_call event (client: true) and answers it."""
-        answer: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._client_calls[call.call_id] = answer
-        try:
-            return await answer
-        finally:
-            self._client_calls.pop(call.call_id, None)
-
     def update_session(self, data: dict[str, Any]) -> None:
         """Apply what a client asked for; each field that cannot be served is an ``error`` event of
         its own, and the others still apply. Ends with ``session.updated`` (the settings in force)."""
         if "tools" in data:
-            self.set_client_tools(data["tools"])
+            self.tools.declare(data["tools"])
         for refused in self.config.update(self.engines, data, speaks=self.sink is not None):
             self.emit("error", code=refused.code, message=str(refused))
         if "instructions" in data:
@@ -983,11 +855,3 @@ class Conversation:
 # A transport builds its call's Conversation from its own sink and event sender.
 # A text-only transport passes None: the client speaks the replies itself.
 ConversationFactory = Callable[[AudioSink | None, Callable[[Event], None]], Conversation]
-
-
-def _is_speech(text: str) -> bool:
-    # Whisper's usual hallucinations on noise: brackets, music notes, lone punctuation.
-    stripped = text.strip().strip(".!?,")
-    if not stripped or not any(ch.isalnum() for ch in stripped):
-        return False
-    return not (stripped.startswith(("[", "(")) and stripped.endswith(("]", ")")))

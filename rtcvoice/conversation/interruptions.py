@@ -3,8 +3,12 @@
 When the caller makes a sound while the AI is thinking or speaking, the reply is paused at once
 (the caller never hears the AI talk over them) and the sound is judged:
 
-- speech that goes on for ``barge_in_ms`` is an interruption: the reply is cut where it was
-  paused, and what the caller heard stays in the history;
+- speech that goes on for ``barge_in_ms`` is transcribed as far as it has gone, and is an
+  interruption if those words are (below): the reply is cut where it was paused, and what the
+  caller heard stays in the history. A drawn-out "mm-hmmm" or a slow "okay" lasts that long too
+  (espeak-ng's "Mm-hmm." at 150 wpm is 660 ms, and was cut by its length alone before), so
+  length alone decides only at twice ``barge_in_ms`` (1.28 s by default, twice the corpus's
+  longest listener's noise);
 - a shorter sound is transcribed when it ends: no words (a cough, a click), only a backchannel
   ("uh-huh", "okay"), or one or two words that are neither resume the reply at the sample where
   it paused. Whisper tiny mishears short listener noises as words (hibari's "Uh-huh." as "It
@@ -22,12 +26,25 @@ row 5); pipecat and OpenAI Realtime cut the reply on any sound the VAD takes for
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
+import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Any
 
-if TYPE_CHECKING:
-    from .turns import Turn
+from ..audio import STT_RATE, Int16Audio
+from ..engines.base import EngineError
+from ..engines.vad import WINDOW_MS
+from ..settings import Settings
+from .speaker import AudioSink
+from .turns import Turn, TurnDetector, TurnEvent
+from .utterance import Utterance
+
+log = logging.getLogger(__name__)
+
+# Speech this soon after the reply became audible may still be the rest of the caller's sentence.
+REJOIN_HEARD_S = 0.6
 
 # Said while listening, not to take the floor. "no", "stop" and "wait" are not here: they ask
 # for something.
@@ -62,6 +79,15 @@ def is_backchannel(text: str) -> bool:
     return True
 
 
+def is_speech(text: str) -> bool:
+    """Whether a transcript holds words: not Whisper's usual hallucinations on noise (brackets,
+    music notes, lone punctuation)."""
+    stripped = text.strip().strip(".!?,")
+    if not stripped or not any(ch.isalnum() for ch in stripped):
+        return False
+    return not (stripped.startswith(("[", "(")) and stripped.endswith(("]", ")")))
+
+
 def asks_for_the_floor(text: str) -> bool:
     """Whether a short sound over the AI was said to interrupt it (see the module's rules)."""
     words = _WORD.findall(text.lower())
@@ -80,9 +106,150 @@ class PendingInterruption:
     # It started within rejoin_ms of the end of the caller's own turn: words go on with that turn.
     rejoin: bool = False
     speech_windows: int = 0  # windows of speech since the sound started
-    check: asyncio.Task[None] | None = field(default=None, repr=False)
+    check: asyncio.Task[None] | None = field(default=None, repr=False)  # its words, once it stopped
+    midway: asyncio.Task[None] | None = field(default=None, repr=False)  # its words at barge_in_ms
+    judged_midway: bool = False
 
     def cancel_check(self) -> None:
         if self.check is not None and not self.check.done():
             self.check.cancel()
         self.check = None
+
+    def cancel(self) -> None:
+        self.cancel_check()
+        if self.midway is not None and not self.midway.done():
+            self.midway.cancel()
+        self.midway = None
+
+
+def rejoinable(turn: Turn, settings: Settings, samples_now: int) -> bool:
+    """Whether speech starting now goes on with ``turn``, the caller's last (see the module).
+
+    Only while the reply is new: a caller who has heard more of it than ``REJOIN_HEARD_S`` is
+    answering it ("uh-huh"), not finishing their sentence.
+    """
+    now = time.monotonic()
+    heard_at = turn.marks.get("first_audio_played")
+    return (
+        turn.silence_ms is not None  # a silence ended it (not the length limit, not the client)
+        and turn.ended_at is not None
+        and now - turn.ended_at <= settings.rejoin_ms / 1000.0
+        and (heard_at is None or now - heard_at <= REJOIN_HEARD_S)
+        and sum(w.size for w in turn.audio) + samples_now < settings.max_utterance_s * STT_RATE
+    )
+
+
+class SoundJudge:
+    """Judges the sounds the caller makes over one call's AI, one at a time (see the module).
+
+    The conversation tells it when a sound starts (:meth:`begin`) and feeds it the VAD's windows
+    while one is judged (:meth:`on_window`); it pauses and resumes the sink itself, and calls back
+    ``barge_in`` (the reply is cut) and ``end_user_turn`` (the sound's words are the caller's
+    next turn).
+    """
+
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        detector: TurnDetector,
+        utterance: Utterance,
+        sink: AudioSink,
+        transcribe: Callable[[Int16Audio], Awaitable[str]],
+        barge_in: Callable[[Turn, bool], Awaitable[None]],
+        end_user_turn: Callable[[], None],
+        emit: Callable[..., None],
+        own: Callable[[asyncio.Task[Any]], None],
+        session_id: str,
+    ) -> None:
+        self.pending: PendingInterruption | None = None
+        self._settings = settings
+        self._detector = detector
+        self._utterance = utterance
+        self._sink = sink
+        self._transcribe = transcribe
+        self._barge_in = barge_in
+        self._end_user_turn = end_user_turn
+        self._emit = emit
+        self._own = own
+        self._session_id = session_id
+
+    def begin(self, turn: Turn, *, rejoin: bool) -> None:
+        """A sound over ``turn``: hold its reply (not a sample is lost) while the sound is judged."""
+        self.pending = PendingInterruption(turn, rejoin=rejoin)
+        self._sink.pause()
+        self._emit("playback_paused", turn)
+
+    def again(self) -> None:
+        """Another sound while the first is judged: judge them as one."""
+        if self.pending is not None:
+            self.pending.cancel_check()
+            self.pending.speech_windows = 0
+
+    async def on_window(self, event: TurnEvent | None) -> None:
+        pending, detector, settings = self.pending, self._detector, self._settings
+        assert pending is not None, "only while a sound is judged"
+        if detector.in_speech and detector.silence_run == 0:
+            pending.cancel_check()  # it goes on: judge it whole
+            pending.speech_windows += 1
+            spoken_ms = pending.speech_windows * WINDOW_MS + settings.min_speech_ms
+            if spoken_ms >= 2 * settings.barge_in_ms:
+                await self._confirm(pending)
+            elif spoken_ms >= settings.barge_in_ms and not pending.judged_midway:
+                pending.judged_midway = True
+                pending.midway = self._start_check(pending, midway=True)
+            return
+        if pending.check is None:
+            pending.check = self._start_check(pending)  # it stopped: its words say what it was
+        if event is TurnEvent.TURN_END:
+            detector.reset()  # the check ends it one way or the other
+
+    def end(self) -> None:
+        """The sound is judged (or moot): the sink plays again, whatever comes next."""
+        pending, self.pending = self.pending, None
+        if pending is not None:
+            pending.cancel()
+            self._sink.resume()
+
+    def _start_check(self, pending: PendingInterruption, *, midway: bool = False) -> asyncio.Task[None]:
+        audio = self._utterance.audio()
+        task = asyncio.create_task(
+            self._check(pending, audio, midway=midway), name=f"sound-{pending.turn.id}"
+        )
+        self._own(task)
+        return task
+
+    async def _check(self, pending: PendingInterruption, audio: Int16Audio, *, midway: bool) -> None:
+        """Judge the sound by its words: once it stopped, or (``midway``) once it lasted barge_in_ms."""
+        try:
+            text = await self._transcribe(audio)
+        except EngineError as exc:
+            log.warning("session %s: could not transcribe a sound over the AI: %s", self._session_id, exc)
+            text = ""
+        if self.pending is not pending:
+            return
+        if midway:
+            pending.midway = None
+        elif pending.check is asyncio.current_task():
+            pending.check = None
+        else:
+            return  # the sound went on after this check began
+        # Words right after the caller's own turn ended go on with it ("... a table" "for four."),
+        # whatever they are; later, only words that ask for the floor interrupt the AI.
+        if is_speech(text) and (pending.rejoin or asks_for_the_floor(text)):
+            log.info("session %s: %r over the AI interrupts it", self._session_id, text[:80])
+            await self._confirm(pending)
+            if not self._detector.in_speech:
+                self._end_user_turn()  # its words are the caller's next turn
+            return
+        if midway:
+            return  # a listener's noise so far: judged whole when it stops (or by its length)
+        self.end()
+        self._utterance.take()
+        self._detector.reset()
+        log.info("session %s: %r over the AI; it goes on", self._session_id, text[:80])
+        self._emit("playback_resumed", pending.turn, heard=text)
+
+    async def _confirm(self, pending: PendingInterruption) -> None:
+        self.end()  # the barge-in flushes what the pause held
+        await self._barge_in(pending.turn, pending.rejoin)

@@ -48,7 +48,7 @@ class CallOptions:
         # Checked when the call was asked for; the same engines serve it now.
         conversation.config.update(conversation.engines, self.choices, speaks=self.speaks)
         if "tools" in self.choices:  # the page's own tools, declared when it starts the call
-            conversation.set_client_tools(self.choices["tools"])
+            conversation.tools.declare(self.choices["tools"])
 
 
 def call_options(engines: Engines, body: dict[str, Any]) -> CallOptions:
