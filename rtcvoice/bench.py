@@ -80,6 +80,9 @@ CAPACITY_FACTOR = 1.5
 # average in the project's browser test on the same machine (tests/test_browser.py writes it
 # to artifacts/browser/latency.json), so the bench's caller holds 3, as a browser would.
 CALLER_JITTER_FRAMES = 3
+# The caller's breath after a reply's last event before the next question (and the reply's last
+# audio frames, in flight behind its end_of_response).
+ANSWERED_QUIET_S = 0.3
 
 
 @dataclass
@@ -155,10 +158,24 @@ async def ask(
     """Speak each question on a connected call and add its turn to ``turns`` once answered
     (TimeoutError if one is not answered within ``timeout``: ``turns`` holds those that were)."""
     for n, (text, pcm, rate) in enumerate(questions, start=1):
+        asked = len(client.events)
         client.play(pcm, rate)
-        end = await client.wait_count("end_of_response", n, timeout)
-        await asyncio.sleep(0.3)
+        # Answered once every turn the server opened has ended, not at the next end_of_response:
+        # a turn ended at a pause inside the question ("Thank you. | Can you sum up ...") has its
+        # reply interrupted by the rest, and the reply to the whole question comes after.
+        await client.wait_played(timeout)
+        await client.wait_answered(timeout, quiet_s=ANSWERED_QUIET_S)
+        end = answer(client, asked)
         turns.append(_turn_from(client, n, text, end, concurrency, index))
+
+
+def answer(client: VoiceCallClient, after: int = 0) -> dict[str, Any]:
+    """The last reply since event ``after`` that played to its end (the last end_of_response
+    there if every one was interrupted)."""
+    ends = [e for _t, e in client.events[after:] if e.get("type") == "end_of_response"]
+    if not ends:
+        raise TimeoutError("the call settled without a reply")
+    return next((e for e in reversed(ends) if not e.get("interrupted")), ends[-1])
 
 
 def _turn_from(

@@ -41,6 +41,7 @@ from .bench import (
     _status,
     _turn_from,
     _write_text,
+    answer,
     serve_args_of,
     synthesize_questions,
 )
@@ -168,6 +169,7 @@ async def long_call(
     try:
         await client.connect()
         for n, (text, pcm, rate) in enumerate(questions, start=1):
+            asked = len(client.events)
             client.play(pcm, rate)
             # Answered once every turn the server opened has ended, not at the next
             # end_of_response: a turn ended at a pause inside the question ("Thank you. | Can you
@@ -175,7 +177,7 @@ async def long_call(
             # question comes after. Its quiet second is the caller's breath before the next one.
             await client.wait_played(TURN_TIMEOUT_S)
             await client.wait_answered(TURN_TIMEOUT_S)
-            end = _answer(client)
+            end = answer(client, asked)
             turn = _turn_from(client, n, text, end, 1, 0)
             usage = end.get("usage") or {}
             errors = [e for e in client.of_type("error") if e.get("turn_id") == end.get("turn_id")]
@@ -200,14 +202,6 @@ async def long_call(
     finally:
         await client.close()
     return turns
-
-
-def _answer(client: VoiceCallClient) -> dict[str, Any]:
-    """The last reply played to its end (the last end_of_response if every one was interrupted)."""
-    ends = client.of_type("end_of_response")
-    if not ends:
-        raise TimeoutError("the call settled without a reply")
-    return next((e for e in reversed(ends) if not e.get("interrupted")), ends[-1])
 
 
 def _row(t: LongTurn, max_tokens: int | None) -> str:

@@ -19,6 +19,7 @@ import pytest
 from conftest import ServerFactory
 from speech import speak
 
+from rtcvoice.bench import run_call
 from rtcvoice.bench_long import STAGES, LoadSampler, long_call
 from rtcvoice.conversation.history import context_window
 from rtcvoice.engines.agents.local_llama import (
@@ -237,3 +238,23 @@ async def test_bench_long_call_records_the_reply_to_the_whole_question_when_it_p
         (turn,) = await long_call(url, [question], None, load)
     assert "sum up" in turn.reply.lower(), turn
     assert turn.ms["client_voice_to_voice"] is not None
+
+
+async def test_bench_records_the_reply_to_the_whole_question_when_it_pauses_inside(
+    start_server: ServerFactory,
+) -> None:
+    """The single- and multi-call bench (``ask``) took the n-th end_of_response as the n-th
+    answer: the interrupted reply to "Thank you." for the first question, and the reply to the
+    first question for the second."""
+    url = await start_server()
+    thanks, rate = speak("Thank you.", lead_s=0.3, tail_s=1.2)
+    ask, _ = speak("Can you sum up what we talked about?", lead_s=0.0, tail_s=1.2)
+    second, _ = speak("What is the capital of France?", lead_s=0.3, tail_s=1.2)
+    questions = [
+        ("Thank you. Can you sum up what we talked about?", np.concatenate([thanks, ask]), rate),
+        ("What is the capital of France?", second, rate),
+    ]
+    first, then = await run_call(url, questions, concurrency=1, index=0, delay=0.0)
+    assert "sum up" in first.reply.lower(), first
+    assert "france" in then.reply.lower(), then
+    assert first.ms["client_voice_to_voice"] is not None and then.ms["client_voice_to_voice"] is not None
