@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 import numpy as np
 import pytest
-from conftest import ServerFactory, echo_agent, openai_agent
+from conftest import BASE_SETTINGS, ServerFactory, echo_agent, openai_agent
 from fake_openai import FakeOpenAI
 from speech import speak, wer
 from test_conversation import make, of, talk, until
@@ -20,7 +21,8 @@ from rtcvoice.audio import STT_RATE, FloatAudio, int16_to_float, resample_pcm
 from rtcvoice.client import VoiceCallClient
 from rtcvoice.conversation import Conversation
 from rtcvoice.conversation.endpointing import QuestionPolicy, SemanticPolicy, SilencePolicy
-from rtcvoice.conversation.interruptions import asks_for_the_floor, is_backchannel
+from rtcvoice.conversation.interruptions import REJOIN_HEARD_S, asks_for_the_floor, is_backchannel, rejoinable
+from rtcvoice.conversation.turns import Turn
 from rtcvoice.engines import Engines
 from rtcvoice.transports.tracks import PacedAudioTrack
 
@@ -45,6 +47,16 @@ def test_the_semantic_policy_waits_longer_the_less_finished_an_utterance_sounds(
     assert QuestionPolicy(500, 360).judge("Can you?", quiet).silence_ms == 360
     assert QuestionPolicy(500, 360).judge("Tell me.", quiet).silence_ms == 500
     assert SilencePolicy(500).judge("Tell me?", quiet).silence_ms == 500
+
+
+async def test_what_the_caller_had_heard_of_the_reply_is_counted_from_when_their_speech_began() -> None:
+    # The VAD is sure of speech min_speech_ms after it began: a caller who went on 0.55 s into
+    # the early reply was taken as answering it (0.65 s by then) and their words as a new turn.
+    now = time.monotonic()
+    turn = Turn(id="t", source="voice", silence_ms=320.0, ended_at=now - 1.0)
+    turn.marks["first_audio_played"] = now - (REJOIN_HEARD_S + 0.05)
+    assert rejoinable(turn, BASE_SETTINGS, 0, spoken_s=0.096)
+    assert not rejoinable(turn, BASE_SETTINGS, 0, spoken_s=0.0)
 
 
 def test_listener_noises_are_backchannels_and_requests_are_not() -> None:

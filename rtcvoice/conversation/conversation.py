@@ -326,7 +326,8 @@ class Conversation:
         if self._sounds is not None and self._sounds.pending is not None:
             self._sounds.again()
         elif task is not None and not task.done() and turn is not None:
-            rejoin = rejoinable(turn, self.settings, self._utterance.samples)
+            spoken_s = self.detector.speech_run * WINDOW_MS / 1000.0  # the speech that started it
+            rejoin = rejoinable(turn, self.settings, self._utterance.samples, spoken_s=spoken_s)
             if self._sounds is not None:
                 self._sounds.begin(turn, rejoin=rejoin)  # maybe a cough: the reply waits, judged
             else:

@@ -122,19 +122,23 @@ class PendingInterruption:
         self.midway = None
 
 
-def rejoinable(turn: Turn, settings: Settings, samples_now: int) -> bool:
-    """Whether speech starting now goes on with ``turn``, the caller's last (see the module).
+def rejoinable(turn: Turn, settings: Settings, samples_now: int, *, spoken_s: float = 0.0) -> bool:
+    """Whether speech that began ``spoken_s`` ago goes on with ``turn``, the caller's last (see the
+    module).
 
-    Only while the reply is new: a caller who has heard more of it than ``REJOIN_HEARD_S`` is
-    answering it ("uh-huh"), not finishing their sentence.
+    Only while the reply is new: a caller who had heard more of it than ``REJOIN_HEARD_S`` when
+    they began is answering it ("uh-huh"), not finishing their sentence. Counted from when the
+    speech began, not from when the VAD was sure of it (``min_speech_ms`` later): a caller who
+    went on 1.2 s into a pause ("What is the weather like ... in Paris this weekend?") was
+    answered as a turn of their own by that difference.
     """
-    now = time.monotonic()
+    began = time.monotonic() - spoken_s
     heard_at = turn.marks.get("first_audio_played")
     return (
         turn.silence_ms is not None  # a silence ended it (not the length limit, not the client)
         and turn.ended_at is not None
-        and now - turn.ended_at <= settings.rejoin_ms / 1000.0
-        and (heard_at is None or now - heard_at <= REJOIN_HEARD_S)
+        and began - turn.ended_at <= settings.rejoin_ms / 1000.0
+        and (heard_at is None or began - heard_at <= REJOIN_HEARD_S)
         and sum(w.size for w in turn.audio) + samples_now < settings.max_utterance_s * STT_RATE
     )
 
