@@ -128,9 +128,8 @@ def rejoinable(turn: Turn, settings: Settings, samples_now: int, *, spoken_s: fl
 
     Only while the reply is new: a caller who had heard more of it than ``REJOIN_HEARD_S`` when
     they began is answering it ("uh-huh"), not finishing their sentence. Counted from when the
-    speech began, not from when the VAD was sure of it (``min_speech_ms`` later): a caller who
-    went on 1.2 s into a pause ("What is the weather like ... in Paris this weekend?") was
-    answered as a turn of their own by that difference.
+    speech began, not from when the VAD was sure of it (``min_speech_ms`` later), which added
+    that much to what the caller was taken to have heard.
     """
     began = time.monotonic() - spoken_s
     heard_at = turn.marks.get("first_audio_played")
