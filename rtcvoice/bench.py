@@ -48,7 +48,7 @@ from .bench_nodes import (
     summarize,
     summary_text,
 )
-from .client import VoiceCallClient
+from .client import QUIET_S, VoiceCallClient
 
 QUESTIONS = [
     "What is the capital of France?",
@@ -158,21 +158,25 @@ async def ask(
     """Speak each question on a connected call and add its turn to ``turns`` once answered
     (TimeoutError if one is not answered within ``timeout``: ``turns`` holds those that were)."""
     for n, (text, pcm, rate) in enumerate(questions, start=1):
-        asked = len(client.events)
-        client.play(pcm, rate)
-        # Answered once every turn the server opened has ended, not at the next end_of_response:
-        # a turn ended at a pause inside the question ("Thank you. | Can you sum up ...") has its
-        # reply interrupted by the rest, and the reply to the whole question comes after.
-        await client.wait_played(timeout)
-        await client.wait_answered(timeout, quiet_s=ANSWERED_QUIET_S)
-        end = answer(client, asked)
+        end = await ask_one(client, pcm, rate, timeout, quiet_s=ANSWERED_QUIET_S)
         turns.append(_turn_from(client, n, text, end, concurrency, index))
 
 
-def answer(client: VoiceCallClient, after: int = 0) -> dict[str, Any]:
-    """The last reply since event ``after`` that played to its end (the last end_of_response
-    there if every one was interrupted)."""
-    ends = [e for _t, e in client.events[after:] if e.get("type") == "end_of_response"]
+async def ask_one(
+    client: VoiceCallClient, pcm: Int16Audio, rate: int, timeout: float, *, quiet_s: float = QUIET_S
+) -> dict[str, Any]:
+    """Speak one question and return its answer: the last reply since it was asked that played to
+    its end (the last end_of_response there if every one was interrupted).
+
+    Answered once every turn the server opened has ended and ``quiet_s`` passed, not at the next
+    end_of_response: a turn ended at a pause inside the question ("Thank you. | Can you sum up
+    ...") has its reply interrupted by the rest, and the reply to the whole question comes after.
+    """
+    asked = len(client.events)
+    client.play(pcm, rate)
+    await client.wait_played(timeout)
+    await client.wait_answered(timeout, quiet_s=quiet_s)
+    ends = [e for _t, e in client.events[asked:] if e.get("type") == "end_of_response"]
     if not ends:
         raise TimeoutError("the call settled without a reply")
     return next((e for e in reversed(ends) if not e.get("interrupted")), ends[-1])

@@ -41,7 +41,7 @@ from .bench import (
     _status,
     _turn_from,
     _write_text,
-    answer,
+    ask_one,
     serve_args_of,
     synthesize_questions,
 )
@@ -169,15 +169,8 @@ async def long_call(
     try:
         await client.connect()
         for n, (text, pcm, rate) in enumerate(questions, start=1):
-            asked = len(client.events)
-            client.play(pcm, rate)
-            # Answered once every turn the server opened has ended, not at the next
-            # end_of_response: a turn ended at a pause inside the question ("Thank you. | Can you
-            # sum up ...") has its reply interrupted by the rest, and the reply to the whole
-            # question comes after. Its quiet second is the caller's breath before the next one.
-            await client.wait_played(TURN_TIMEOUT_S)
-            await client.wait_answered(TURN_TIMEOUT_S)
-            end = answer(client, asked)
+            # Its quiet second (the client's QUIET_S) is the caller's breath before the next one.
+            end = await ask_one(client, pcm, rate, TURN_TIMEOUT_S)
             turn = _turn_from(client, n, text, end, 1, 0)
             usage = end.get("usage") or {}
             errors = [e for e in client.of_type("error") if e.get("turn_id") == end.get("turn_id")]

@@ -19,6 +19,7 @@ import pytest
 from conftest import ServerFactory
 from speech import speak
 
+from rtcvoice.audio import Int16Audio
 from rtcvoice.bench import run_call
 from rtcvoice.bench_long import STAGES, LoadSampler, long_call
 from rtcvoice.conversation.history import context_window
@@ -224,6 +225,14 @@ async def test_bench_long_call_reports_each_turn_and_the_percentiles(tmp_path: P
         assert data["median_of_runs"][stage]["p95"] == run["summary"][stage]["p95"]
 
 
+def paused_question() -> tuple[str, Int16Audio, int]:
+    """A question with a pause inside, where the server may end the turn early: "Thank you."
+    and 1.2 s of silence before "Can you sum up what we talked about?"."""
+    thanks, rate = speak("Thank you.", lead_s=0.3, tail_s=1.2)
+    rest, _ = speak("Can you sum up what we talked about?", lead_s=0.0, tail_s=1.2)
+    return "Thank you. Can you sum up what we talked about?", np.concatenate([thanks, rest]), rate
+
+
 async def test_bench_long_call_records_the_reply_to_the_whole_question_when_it_pauses_inside(
     start_server: ServerFactory,
 ) -> None:
@@ -231,11 +240,8 @@ async def test_bench_long_call_records_the_reply_to_the_whole_question_when_it_p
     interrupts; the turn is answered by the reply after it. The bench took the first
     end_of_response as the answer (the 20-turn call's last turn had no caller figure)."""
     url = await start_server()
-    thanks, rate = speak("Thank you.", lead_s=0.3, tail_s=1.2)
-    ask, _ = speak("Can you sum up what we talked about?", lead_s=0.0, tail_s=1.2)
-    question = ("Thank you. Can you sum up what we talked about?", np.concatenate([thanks, ask]), rate)
     with LoadSampler(url) as load:
-        (turn,) = await long_call(url, [question], None, load)
+        (turn,) = await long_call(url, [paused_question()], None, load)
     assert "sum up" in turn.reply.lower(), turn
     assert turn.ms["client_voice_to_voice"] is not None
 
@@ -247,13 +253,8 @@ async def test_bench_records_the_reply_to_the_whole_question_when_it_pauses_insi
     answer: the interrupted reply to "Thank you." for the first question, and the reply to the
     first question for the second."""
     url = await start_server()
-    thanks, rate = speak("Thank you.", lead_s=0.3, tail_s=1.2)
-    ask, _ = speak("Can you sum up what we talked about?", lead_s=0.0, tail_s=1.2)
-    second, _ = speak("What is the capital of France?", lead_s=0.3, tail_s=1.2)
-    questions = [
-        ("Thank you. Can you sum up what we talked about?", np.concatenate([thanks, ask]), rate),
-        ("What is the capital of France?", second, rate),
-    ]
+    second, rate = speak("What is the capital of France?", lead_s=0.3, tail_s=1.2)
+    questions = [paused_question(), ("What is the capital of France?", second, rate)]
     first, then = await run_call(url, questions, concurrency=1, index=0, delay=0.0)
     assert "sum up" in first.reply.lower(), first
     assert "france" in then.reply.lower(), then
