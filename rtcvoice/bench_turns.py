@@ -71,6 +71,9 @@ class ItemResult:
     # Spoken items.
     cuts: int = 0  # speech_stopped events between the first word and the true end
     half_answered: bool = False  # reply audio reached the caller before they had finished
+    # Cut off, yet the words after each cut joined the turn (final_transcript ``continues``), so
+    # the last reply answers the whole sentence; None where the item was not cut.
+    answered_whole: bool | None = None
     end_of_turn_ms: float | None = None  # the server's metrics.end_of_turn for the final turn
     client_end_of_turn_ms: float | None = None  # true end sent → speech_stopped received
     voice_to_voice_ms: float | None = None  # the server's metrics.voice_to_voice
@@ -205,6 +208,13 @@ async def run_spoken(client: VoiceCallClient, item: Item, clip: Clip) -> ItemRes
         e for _t, e in _events_since(client, first, "final_transcript") if e.get("turn_id") == turn_id
     ]
     result.transcript = str(transcript[-1].get("text", "")) if transcript else ""
+    if result.cuts:
+        joins = [
+            e
+            for t, e in _events_since(client, first, "final_transcript")
+            if t > started and e.get("continues")
+        ]
+        result.answered_whole = len(joins) >= result.cuts
     end = [e for _t, e in _events_since(client, first, "end_of_response") if e.get("turn_id") == turn_id]
     result.reply = str(end[-1].get("text", ""))[:120] if end else ""
     return result
@@ -303,7 +313,8 @@ def _line(r: ItemResult) -> str:
         what += ", the VAD heard it" if r.sound_heard else ", the VAD did not hear it"
     else:
         what = (
-            f"cuts {r.cuts}{' HALF-ANSWERED' if r.half_answered else ''}, eot {_fmt(r.end_of_turn_ms)} / "
+            f"cuts {r.cuts}{' HALF-ANSWERED' if r.half_answered else ''}"
+            f"{' (joined)' if r.answered_whole else ''}, eot {_fmt(r.end_of_turn_ms)} / "
             f"{_fmt(r.client_end_of_turn_ms)} ms, v2v {_fmt(r.client_voice_to_voice_ms)} ms, heard {r.transcript!r}"
         )
     error = f" ERROR {r.error}" if r.error else ""
@@ -358,6 +369,8 @@ def summarize(results: list[ItemResult]) -> dict[str, Any]:
             "looks_done": _rate([r.cut_off for r in paused if r.kind == "looks_done"]),
             "finished_items": _rate([r.cut_off for r in finished]),
             "half_answered": _rate([r.half_answered for r in spoken]),
+            # Of the paused items cut off, those whose reply still answered the whole sentence.
+            "answered_whole": _rate([bool(r.answered_whole) for r in paused if r.cut_off]),
         },
         "end_of_turn_ms": {name: dist(rows, "end_of_turn_ms") for name, rows in groups.items()},
         "client_end_of_turn_ms": {name: dist(rows, "client_end_of_turn_ms") for name, rows in groups.items()},
@@ -391,6 +404,8 @@ def table(summary: dict[str, Any]) -> str:
         f" [unfinished {rate(cut['unfinished'])}, looks finished {rate(cut['looks_done'])}];"
         f" finished items {rate(cut['finished_items'])}",
         f"heard the AI answer before finishing: {rate(cut['half_answered'])}",
+        f"cut off, but the words after the pause joined the turn (the reply answers the whole sentence): "
+        f"{rate(cut['answered_whole'])}",
         "",
         f"{'ms after the true end':<26}{'group':<24}{'n':>4}{'p50':>9}{'p95':>9}",
     ]

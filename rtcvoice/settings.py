@@ -228,8 +228,9 @@ class Settings:
     rejoin_ms: int = _opt(
         1500,
         "Speech that starts this soon after the caller's turn ended (and before 0.6 s of the reply was "
-        "heard) continues that turn: the early reply is dropped (unheard if it had not started) and the "
-        "next reply answers the whole sentence.",
+        "heard, or later if its first word hangs on the sentence before: 'in', 'for', 'and') continues "
+        "that turn: the early reply is dropped (unheard if it had not started) and the next reply "
+        "answers the whole sentence.",
     )
     min_speech_ms: int = _opt(
         96, "Speech shorter than this (ms) is ignored: it neither starts a turn nor interrupts the AI."

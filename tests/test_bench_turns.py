@@ -67,7 +67,10 @@ def result(kind: str, **fields: object) -> ItemResult:
 def test_summary_counts_cut_offs_on_paused_items_and_leaves_late_sounds_out() -> None:
     summary = summarize(
         [
-            result("unfinished", cuts=1, half_answered=True, client_end_of_turn_ms=400.0),
+            result(
+                "unfinished", cuts=1, half_answered=True, client_end_of_turn_ms=400.0, answered_whole=True
+            ),
+            result("unfinished", cuts=2, half_answered=True, answered_whole=False),
             result("unfinished", client_end_of_turn_ms=1200.0),
             result("question", client_voice_to_voice_ms=900.0, client_end_of_turn_ms=500.0),
             result("question", error="TimeoutError: no answer"),
@@ -77,8 +80,10 @@ def test_summary_counts_cut_offs_on_paused_items_and_leaves_late_sounds_out() ->
         ]
     )
     assert summary["errors"] == 1
-    assert summary["cut_off"]["paused_items"] == {"n": 2, "count": 1, "rate": 0.5}
-    assert summary["cut_off"]["half_answered"]["count"] == 1
+    assert summary["cut_off"]["paused_items"] == {"n": 3, "count": 2, "rate": 0.667}
+    assert summary["cut_off"]["half_answered"]["count"] == 2
+    # Of the two cut off, one was still answered whole: the words after its pause joined the turn.
+    assert summary["cut_off"]["answered_whole"] == {"n": 2, "count": 1, "rate": 0.5}
     # The true end of a paused item counts only where the turn was not already cut in a pause.
     assert summary["client_end_of_turn_ms"]["paused_items_true_end"]["p50"] == 1200.0
     assert summary["client_voice_to_voice_ms"]["question"] == {

@@ -21,9 +21,18 @@ from rtcvoice.audio import STT_RATE, FloatAudio, int16_to_float, resample_pcm
 from rtcvoice.client import VoiceCallClient
 from rtcvoice.conversation import Conversation
 from rtcvoice.conversation.endpointing import QuestionPolicy, SemanticPolicy, SilencePolicy
-from rtcvoice.conversation.interruptions import REJOIN_HEARD_S, asks_for_the_floor, is_backchannel, rejoinable
-from rtcvoice.conversation.turns import Turn
+from rtcvoice.conversation.interruptions import (
+    REJOIN_HEARD_S,
+    SoundJudge,
+    asks_for_the_floor,
+    continues_sentence,
+    is_backchannel,
+    rejoinable,
+)
+from rtcvoice.conversation.turns import Turn, TurnDetector
+from rtcvoice.conversation.utterance import Utterance
 from rtcvoice.engines import Engines
+from rtcvoice.engines.vad import WINDOW_MS
 from rtcvoice.transports.tracks import PacedAudioTrack
 
 
@@ -155,6 +164,82 @@ async def test_two_words_soon_after_a_turn_ended_too_early_join_it_rather_than_r
     assert second["continues"] == first["turn_id"], (first, second)
     assert wer("I would like a table for two.", second["text"]) <= 0.2, second
     assert not of(events, "playback_resumed")
+
+
+def test_words_that_hang_on_the_sentence_before_continue_it_and_a_reply_to_the_ai_does_not() -> None:
+    for text in ("In Paris this weekend.", "Uh, for four people.", "and how they change colour", "Please."):
+        assert continues_sentence(text), text
+    for text in ("Okay.", "What about Rome?", "But why?", "Paris.", "", "Um..."):
+        assert not continues_sentence(text), text
+
+
+async def test_words_that_attach_to_a_turn_ended_too_early_join_it_though_its_reply_was_heard(
+    shared_engines: Engines, fake_openai: FakeOpenAI
+) -> None:
+    # The caller goes on after hearing more than REJOIN_HEARD_S of the early reply: by then an
+    # "okay" answers it (and resumes it), but "in Paris ..." can only finish their question.
+    pause_s = 1.5
+    conv, events = await cut_short(
+        shared_engines, fake_openai, "What is the weather like?", pause_s, "in Paris this weekend?"
+    )
+    first, second = of(events, "final_transcript")
+    heard_s = pause_s - of(events, "metrics")[0]["voice_to_voice"] / 1000.0
+    assert heard_s > REJOIN_HEARD_S, of(events, "metrics")  # else the timing alone would join them
+    assert second["continues"] == first["turn_id"], (first, second)
+    assert wer("What is the weather like? In Paris this weekend?", second["text"]) <= 0.2, second
+    assert [m["content"] for m in conv.history if m["role"] == "user"] == [second["text"]]
+
+
+async def judge_a_long_sound(*, may_continue: bool, words: list[str]) -> tuple[list[bool], list[str]]:
+    """Speech over the AI for twice --barge-in-ms, its transcriptions scripted: how the AI was
+    interrupted (whether the sound joined the caller's turn), and the transcripts left unasked."""
+    detector = TurnDetector(WINDOW_MS, min_speech_ms=BASE_SETTINGS.min_speech_ms)
+    utterance = Utterance(4)
+    utterance.idle(np.zeros(512, np.int16))
+    utterance.begin()
+    left, barged, tasks = list(words), [], []
+
+    async def transcribe(audio: Any) -> str:
+        return left.pop(0)
+
+    async def barge_in(turn: Turn, rejoin: bool) -> None:
+        barged.append(rejoin)
+
+    judge = SoundJudge(
+        settings=BASE_SETTINGS,
+        detector=detector,
+        utterance=utterance,
+        sink=PacedAudioTrack(),
+        transcribe=transcribe,
+        barge_in=barge_in,
+        end_user_turn=lambda: None,
+        emit=lambda *args, **kwargs: None,
+        own=tasks.append,
+        session_id="t",
+    )
+    while not detector.in_speech:  # the sound is judged from when the VAD is sure of it
+        detector.feed(0.9)
+    judge.begin(Turn(id="t", source="voice"), rejoin=False, may_continue=may_continue)
+    for _ in range(2 * BASE_SETTINGS.barge_in_ms // WINDOW_MS + 4):
+        if judge.pending is None:
+            break
+        await judge.on_window(detector.feed(0.9))
+        await asyncio.sleep(0)  # a check's transcription
+    await asyncio.gather(*tasks)
+    return barged, left
+
+
+async def test_a_long_sound_that_may_finish_the_callers_sentence_is_transcribed_again_before_it_interrupts() -> (
+    None
+):
+    # The midway check's short audio may lack the first word ("4. 4." was Whisper's midway
+    # transcript of espeak-ng's "For four people" in the corpus): at twice --barge-in-ms the sound
+    # interrupts by its length, and its words then say whether it joins the caller's turn.
+    words = ["4. 4.", "For four people tomorrow"]
+    assert await judge_a_long_sound(may_continue=True, words=words) == ([True], [])
+    assert await judge_a_long_sound(may_continue=True, words=["Uh", "What about Rome?"]) == ([False], [])
+    # Later into the reply, length alone decides, without another transcription.
+    assert await judge_a_long_sound(may_continue=False, words=words) == ([False], words[1:])
 
 
 @contextlib.asynccontextmanager

@@ -327,9 +327,14 @@ class Conversation:
             self._sounds.again()
         elif task is not None and not task.done() and turn is not None:
             spoken_s = self.detector.speech_run * WINDOW_MS / 1000.0  # the speech that started it
-            rejoin = rejoinable(turn, self.settings, self._utterance.samples, spoken_s=spoken_s)
+            samples = self._utterance.samples
+            rejoin = rejoinable(turn, self.settings, samples, spoken_s=spoken_s)
             if self._sounds is not None:
-                self._sounds.begin(turn, rejoin=rejoin)  # maybe a cough: the reply waits, judged
+                # Maybe a cough: the reply waits while the sound is judged.
+                may_continue = rejoin or rejoinable(
+                    turn, self.settings, samples, spoken_s=spoken_s, heard_s=None
+                )
+                self._sounds.begin(turn, rejoin=rejoin, may_continue=may_continue)
             else:
                 await self._barge_in(turn, rejoin=rejoin)
         self.emit("speech_started")

@@ -17,7 +17,12 @@ When the caller makes a sound while the AI is thinking or speaking, the reply is
 
 A sound that starts within ``rejoin_ms`` of the end of the caller's own turn is different: any
 words in it go on with that turn ("I would like a table" ... "for two."), so they join it rather
-than resume the reply to its first half.
+than resume the reply to its first half. That holds while the caller had heard little of the
+early reply (``REJOIN_HEARD_S``); after that, words that hang on what came before ("... in Paris
+this weekend?", "and how they change colour") still join, since a reply is not answered with a
+preposition, and anything else is judged as above. A sound that reaches twice ``barge_in_ms``
+there is transcribed once more before it interrupts: the midway check's short audio often lacks
+its first word.
 
 LiveKit resumes after a false interruption (``resume_false_interruption``, research/peers.md
 row 5); pipecat and OpenAI Realtime cut the reply on any sound the VAD takes for speech.
@@ -31,10 +36,11 @@ import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from ..audio import STT_RATE, Int16Audio
 from ..engines.base import EngineError
+from ..engines.eot.words import FILLERS
 from ..engines.vad import WINDOW_MS
 from ..settings import Settings
 from .speaker import AudioSink
@@ -59,7 +65,17 @@ BACKCHANNELS = frozenset(
 FLOOR_WORDS = frozenset(
     "stop wait no nope hold hang pause hey sorry excuse what actually but cancel enough quiet shut".split()
 )
+# A turn that opens with one of these hangs on the one before ("What is the weather like?" ...
+# "in Paris this weekend?"). Not "but", "so" or "if": each also opens a reply to the AI.
+ATTACHING = frozenset(
+    """
+    for to of at in on with about from into onto by near without within during through after
+    before around over under towards toward than and or nor because although though unless
+    whereas please
+    """.split()
+)
 _WORD = re.compile(r"[a-z]+(?:[-'][a-z]+)*")
+CheckPoint = Literal["stopped", "midway", "at_length"]  # when a sound's words are judged
 
 
 def is_backchannel(text: str) -> bool:
@@ -88,6 +104,13 @@ def is_speech(text: str) -> bool:
     return not (stripped.startswith(("[", "(")) and stripped.endswith(("]", ")")))
 
 
+def continues_sentence(text: str) -> bool:
+    """Whether a transcript opens with a word that attaches it to what was said before
+    ("In Paris this weekend.", "Uh, for four people"): the rest of a sentence, not a new one."""
+    words = [w for w in _WORD.findall(text.lower()) if w not in FILLERS]
+    return bool(words) and words[0] in ATTACHING
+
+
 def asks_for_the_floor(text: str) -> bool:
     """Whether a short sound over the AI was said to interrupt it (see the module's rules)."""
     words = _WORD.findall(text.lower())
@@ -105,10 +128,15 @@ class PendingInterruption:
     turn: Turn
     # It started within rejoin_ms of the end of the caller's own turn: words go on with that turn.
     rejoin: bool = False
+    # It started within rejoin_ms, later into the reply: only words that attach go on with the turn.
+    may_continue: bool = False
     speech_windows: int = 0  # windows of speech since the sound started
     check: asyncio.Task[None] | None = field(default=None, repr=False)  # its words, once it stopped
     midway: asyncio.Task[None] | None = field(default=None, repr=False)  # its words at barge_in_ms
     judged_midway: bool = False
+    # Its words at twice barge_in_ms, for a sound that may continue the caller's turn: it interrupts
+    # by its length, and they say whether it joins that turn.
+    at_length: asyncio.Task[None] | None = field(default=None, repr=False)
 
     def cancel_check(self) -> None:
         if self.check is not None and not self.check.done():
@@ -117,19 +145,28 @@ class PendingInterruption:
 
     def cancel(self) -> None:
         self.cancel_check()
-        if self.midway is not None and not self.midway.done():
-            self.midway.cancel()
-        self.midway = None
+        for task in (self.midway, self.at_length):
+            if task is not None and not task.done():
+                task.cancel()
+        self.midway = self.at_length = None
 
 
-def rejoinable(turn: Turn, settings: Settings, samples_now: int, *, spoken_s: float = 0.0) -> bool:
+def rejoinable(
+    turn: Turn,
+    settings: Settings,
+    samples_now: int,
+    *,
+    spoken_s: float = 0.0,
+    heard_s: float | None = REJOIN_HEARD_S,
+) -> bool:
     """Whether speech that began ``spoken_s`` ago goes on with ``turn``, the caller's last (see the
     module).
 
-    Only while the reply is new: a caller who had heard more of it than ``REJOIN_HEARD_S`` when
-    they began is answering it ("uh-huh"), not finishing their sentence. Counted from when the
-    speech began, not from when the VAD was sure of it (``min_speech_ms`` later), which added
-    that much to what the caller was taken to have heard.
+    Only while the reply is new: a caller who had heard more of it than ``heard_s`` when they
+    began is more likely answering it ("uh-huh") than finishing their sentence (``None``: however
+    much they had heard, for words that attach). Counted from when the speech began, not from
+    when the VAD was sure of it (``min_speech_ms`` later), which added that much to what the
+    caller was taken to have heard.
     """
     began = time.monotonic() - spoken_s
     heard_at = turn.marks.get("first_audio_played")
@@ -137,7 +174,7 @@ def rejoinable(turn: Turn, settings: Settings, samples_now: int, *, spoken_s: fl
         turn.silence_ms is not None  # a silence ended it (not the length limit, not the client)
         and turn.ended_at is not None
         and began - turn.ended_at <= settings.rejoin_ms / 1000.0
-        and (heard_at is None or began - heard_at <= REJOIN_HEARD_S)
+        and (heard_s is None or heard_at is None or began - heard_at <= heard_s)
         and sum(w.size for w in turn.audio) + samples_now < settings.max_utterance_s * STT_RATE
     )
 
@@ -177,9 +214,9 @@ class SoundJudge:
         self._own = own
         self._session_id = session_id
 
-    def begin(self, turn: Turn, *, rejoin: bool) -> None:
+    def begin(self, turn: Turn, *, rejoin: bool, may_continue: bool = False) -> None:
         """A sound over ``turn``: hold its reply (not a sample is lost) while the sound is judged."""
-        self.pending = PendingInterruption(turn, rejoin=rejoin)
+        self.pending = PendingInterruption(turn, rejoin=rejoin, may_continue=may_continue)
         self._sink.pause()
         self._emit("playback_paused", turn)
 
@@ -197,10 +234,15 @@ class SoundJudge:
             pending.speech_windows += 1
             spoken_ms = pending.speech_windows * WINDOW_MS + settings.min_speech_ms
             if spoken_ms >= 2 * settings.barge_in_ms:
-                await self._confirm(pending)
+                if not (pending.may_continue and not pending.rejoin):
+                    await self._confirm(pending)
+                elif pending.at_length is None:
+                    # Whisper often misses a first word in the midway check's short audio ("4. 4."
+                    # for espeak-ng's "For four"); this longer audio has it.
+                    pending.at_length = self._start_check(pending, when="at_length")
             elif spoken_ms >= settings.barge_in_ms and not pending.judged_midway:
                 pending.judged_midway = True
-                pending.midway = self._start_check(pending, midway=True)
+                pending.midway = self._start_check(pending, when="midway")
             return
         if pending.check is None:
             pending.check = self._start_check(pending)  # it stopped: its words say what it was
@@ -214,16 +256,17 @@ class SoundJudge:
             pending.cancel()
             self._sink.resume()
 
-    def _start_check(self, pending: PendingInterruption, *, midway: bool = False) -> asyncio.Task[None]:
+    def _start_check(
+        self, pending: PendingInterruption, *, when: CheckPoint = "stopped"
+    ) -> asyncio.Task[None]:
         audio = self._utterance.audio()
-        task = asyncio.create_task(
-            self._check(pending, audio, midway=midway), name=f"sound-{pending.turn.id}"
-        )
+        task = asyncio.create_task(self._check(pending, audio, when=when), name=f"sound-{pending.turn.id}")
         self._own(task)
         return task
 
-    async def _check(self, pending: PendingInterruption, audio: Int16Audio, *, midway: bool) -> None:
-        """Judge the sound by its words: once it stopped, or (``midway``) once it lasted barge_in_ms."""
+    async def _check(self, pending: PendingInterruption, audio: Int16Audio, *, when: CheckPoint) -> None:
+        """Judge the sound by its words: once it ``stopped``, ``midway`` (once it lasted barge_in_ms),
+        or ``at_length`` (twice that, when it interrupts whatever it is)."""
         try:
             text = await self._transcribe(audio)
         except EngineError as exc:
@@ -231,14 +274,27 @@ class SoundJudge:
             text = ""
         if self.pending is not pending:
             return
+        midway = when == "midway"
+        if when == "at_length":
+            pending.at_length = None
+            pending.rejoin = continues_sentence(text)
+            await self._confirm(pending)
+            if not self._detector.in_speech:
+                self._end_user_turn()
+            return
         if midway:
             pending.midway = None
         elif pending.check is asyncio.current_task():
             pending.check = None
+            if pending.at_length is not None:
+                return  # its length interrupts the AI already; that check says how
         else:
             return  # the sound went on after this check began
         # Words right after the caller's own turn ended go on with it ("... a table" "for four."),
-        # whatever they are; later, only words that ask for the floor interrupt the AI.
+        # whatever they are, and a little later if they attach to it ("in Paris this weekend");
+        # otherwise only words that ask for the floor interrupt the AI.
+        if pending.may_continue and continues_sentence(text):
+            pending.rejoin = True
         if is_speech(text) and (pending.rejoin or asks_for_the_floor(text)):
             log.info("session %s: %r over the AI interrupts it", self._session_id, text[:80])
             await self._confirm(pending)
