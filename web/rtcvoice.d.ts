@@ -126,6 +126,7 @@ export interface FinalTranscriptEvent extends ServerEventBase {
   /**
    * The turn this one completes: it ended too early (the caller paused mid-sentence), the caller
    * went on speaking within `rejoin_ms`, its reply was dropped, and this transcript holds both halves.
+   * `Transcript` folds it: this text takes the first half's place, and the dropped reply leaves.
    */
   continues?: string;
 }

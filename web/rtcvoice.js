@@ -1392,6 +1392,7 @@ export class Transcript {
         }
         const target = entry ?? this._push({ role: "user", text: "", final: false, source: "voice" });
         Object.assign(target, { text, final: true, turnId: event.turn_id ?? target.turnId });
+        if (event.continues) this._fold(event.continues, target);
         return true;
       }
       case "text_sent":
@@ -1436,6 +1437,18 @@ export class Transcript {
       default:
         return false;
     }
+  }
+
+  /**
+   * A turn ended too early and the caller went on (`continues`): the whole sentence takes the
+   * place of its first half, and the reply to the half leaves, as it leaves the AI's history.
+   */
+  _fold(earlyTurnId, whole) {
+    const early = this.entries.find((e) => e.role === "user" && e.turnId === earlyTurnId && e !== whole);
+    if (early) Object.assign(early, { text: whole.text, final: true, turnId: whole.turnId });
+    this.entries = this.entries.filter(
+      (e) => !(e.turnId === earlyTurnId && e.role !== "user") && !(early && e === whole),
+    );
   }
 
   _newAssistant(turnId) {
