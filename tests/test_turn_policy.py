@@ -200,6 +200,7 @@ async def judge_a_long_sound(*, may_continue: bool, words: list[str]) -> tuple[l
     left, barged, tasks = list(words), [], []
 
     async def transcribe(audio: Any) -> str:
+        await asyncio.sleep(0.05)  # a Whisper pass: the caller may stop meanwhile
         return left.pop(0)
 
     async def barge_in(turn: Turn, rejoin: bool) -> None:
@@ -220,12 +221,13 @@ async def judge_a_long_sound(*, may_continue: bool, words: list[str]) -> tuple[l
     while not detector.in_speech:  # the sound is judged from when the VAD is sure of it
         detector.feed(0.9)
     judge.begin(Turn(id="t", source="voice"), rejoin=False, may_continue=may_continue)
-    for _ in range(2 * BASE_SETTINGS.barge_in_ms // WINDOW_MS + 4):
+    # Speech for twice --barge-in-ms, then silence until the sound is judged.
+    for prob in [0.9] * (2 * BASE_SETTINGS.barge_in_ms // WINDOW_MS) + [0.0] * 20:
         if judge.pending is None:
             break
-        await judge.on_window(detector.feed(0.9))
-        await asyncio.sleep(0)  # a check's transcription
-    await asyncio.gather(*tasks)
+        await judge.on_window(detector.feed(prob))
+        await asyncio.sleep(WINDOW_MS / 1000 / 4)
+    await asyncio.gather(*tasks)  # a transcription asked for beyond the script fails here
     return barged, left
 
 

@@ -244,7 +244,7 @@ class SoundJudge:
                 pending.judged_midway = True
                 pending.midway = self._start_check(pending, when="midway")
             return
-        if pending.check is None:
+        if pending.check is None and pending.at_length is None:
             pending.check = self._start_check(pending)  # it stopped: its words say what it was
         if event is TurnEvent.TURN_END:
             detector.reset()  # the check ends it one way or the other
@@ -286,8 +286,6 @@ class SoundJudge:
             pending.midway = None
         elif pending.check is asyncio.current_task():
             pending.check = None
-            if pending.at_length is not None:
-                return  # its length interrupts the AI already; that check says how
         else:
             return  # the sound went on after this check began
         # Words right after the caller's own turn ended go on with it ("... a table" "for four."),
