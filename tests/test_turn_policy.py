@@ -239,6 +239,8 @@ async def test_a_long_sound_that_may_finish_the_callers_sentence_is_transcribed_
     # interrupts by its length, and its words then say whether it joins the caller's turn.
     words = ["4. 4.", "For four people tomorrow"]
     assert await judge_a_long_sound(may_continue=True, words=words) == ([True], [])
+    # Three words at the midway check would interrupt as a new turn; here they are read again.
+    assert await judge_a_long_sound(may_continue=True, words=["Four people to", words[1]]) == ([True], [])
     assert await judge_a_long_sound(may_continue=True, words=["Uh", "What about Rome?"]) == ([False], [])
     # Later into the reply, length alone decides, without another transcription.
     assert await judge_a_long_sound(may_continue=False, words=words) == ([False], words[1:])

@@ -20,9 +20,10 @@ words in it go on with that turn ("I would like a table" ... "for two."), so the
 than resume the reply to its first half. That holds while the caller had heard little of the
 early reply (``REJOIN_HEARD_S``); after that, words that hang on what came before ("... in Paris
 this weekend?", "and how they change colour") still join, since a reply is not answered with a
-preposition, and anything else is judged as above. A sound that reaches twice ``barge_in_ms``
-there is transcribed once more before it interrupts: the midway check's short audio often lacks
-its first word.
+preposition, and anything else is judged as above, except that the midway check decides only
+a join: its short audio often lacks the first word ("4. 4." or "Four people to" for "For four
+people"), so such a sound is read again when it stops, or at twice ``barge_in_ms``, where it
+interrupts by its length and its words say whether it joins.
 
 LiveKit resumes after a false interruption (``resume_false_interruption``, research/peers.md
 row 5); pipecat and OpenAI Realtime cut the reply on any sound the VAD takes for speech.
@@ -293,6 +294,8 @@ class SoundJudge:
         # otherwise only words that ask for the floor interrupt the AI.
         if pending.may_continue and continues_sentence(text):
             pending.rejoin = True
+        elif midway and pending.may_continue:
+            return  # its first words may be missing from audio this short ("Four people to"): read it again
         if is_speech(text) and (pending.rejoin or asks_for_the_floor(text)):
             log.info("session %s: %r over the AI interrupts it", self._session_id, text[:80])
             await self._confirm(pending)
