@@ -19,6 +19,7 @@ import contextlib
 import os
 import shutil
 import signal
+import socket
 import sys
 import time
 import uuid
@@ -582,6 +583,17 @@ def worker_pids(parent: int) -> list[int]:
     except OSError:
         return []
     return [int(pid) for pid in children]
+
+
+def test_worker_ports_are_taken_below_the_range_outgoing_connections_use() -> None:
+    # A port from a bind to port 0 can go to an outgoing connection (here, a readiness check's)
+    # before the worker that is to listen on it binds it: a clean-clone run of the suite failed so.
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    first = free_ports(2)
+    assert 10_000 <= first and first + 1 < low, (first, low)
+    with socket.socket() as a, socket.socket() as b:
+        a.bind(("127.0.0.1", first))
+        b.bind(("127.0.0.1", first + 1))
 
 
 def alive(pid: int) -> bool:

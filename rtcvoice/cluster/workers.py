@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import ctypes
 import logging
+import random
 import shutil
 import signal
 import socket
@@ -56,17 +57,35 @@ def worker_count(raw: str) -> int:
     return count
 
 
+def _ephemeral_ports() -> tuple[int, int]:
+    """The range the kernel gives outgoing connections their local ports from."""
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+
+
 def free_ports(count: int = 1, host: str = "127.0.0.1") -> int:
-    """The first of ``count`` consecutive ports free on ``host`` now (worker K listens on P + K)."""
-    for _ in range(200):
-        with socket.socket() as s:
-            s.bind((host, 0))
-            first = int(s.getsockname()[1])
+    """The first of ``count`` consecutive ports free on ``host`` now (worker K listens on P + K).
+
+    Taken below the ephemeral range where it can be: a port the kernel hands out for a bind to
+    port 0 may next go to an outgoing connection (a health check, an HTTP client) before the
+    worker that is to listen on it has started, and the worker then cannot bind it.
+    """
+    low, _high = _ephemeral_ports()
+    for attempt in range(200):
+        if attempt < 100 and low - count > 10_000:
+            first = random.randrange(10_000, low - count)
+        else:
+            with socket.socket() as s:
+                s.bind((host, 0))
+                first = int(s.getsockname()[1])
         if first + count > 65535:
             continue
         try:
             with contextlib.ExitStack() as stack:
-                for port in range(first + 1, first + count):
+                for port in range(first, first + count):
                     stack.enter_context(socket.socket()).bind((host, port))
             return first
         except OSError:
