@@ -204,16 +204,11 @@ async def run_spoken(client: VoiceCallClient, item: Item, clip: Clip) -> ItemRes
     heard = client.received.first_sound_after(ended)
     if heard is not None:
         result.client_voice_to_voice_ms = round((heard - ended) * 1000.0, 1)
-    transcript = [
-        e for _t, e in _events_since(client, first, "final_transcript") if e.get("turn_id") == turn_id
-    ]
+    finals = _events_since(client, first, "final_transcript")
+    transcript = [e for _t, e in finals if e.get("turn_id") == turn_id]
     result.transcript = str(transcript[-1].get("text", "")) if transcript else ""
     if result.cuts:
-        joins = [
-            e
-            for t, e in _events_since(client, first, "final_transcript")
-            if t > started and e.get("continues")
-        ]
+        joins = [e for t, e in finals if t > started and e.get("continues")]
         result.answered_whole = len(joins) >= result.cuts
     end = [e for _t, e in _events_since(client, first, "end_of_response") if e.get("turn_id") == turn_id]
     result.reply = str(end[-1].get("text", ""))[:120] if end else ""

@@ -57,13 +57,12 @@ def worker_count(raw: str) -> int:
     return count
 
 
-def _ephemeral_ports() -> tuple[int, int]:
-    """The range the kernel gives outgoing connections their local ports from."""
+def _first_ephemeral_port() -> int:
+    """Where the range the kernel gives outgoing connections their local ports from begins."""
     try:
-        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
-        return int(low), int(high)
-    except (OSError, ValueError):
-        return 32768, 60999  # Linux's default
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
 
 
 def free_ports(count: int = 1, host: str = "127.0.0.1") -> int:
@@ -73,7 +72,7 @@ def free_ports(count: int = 1, host: str = "127.0.0.1") -> int:
     port 0 may next go to an outgoing connection (a health check, an HTTP client) before the
     worker that is to listen on it has started, and the worker then cannot bind it.
     """
-    low, _high = _ephemeral_ports()
+    low = _first_ephemeral_port()
     for attempt in range(200):
         if attempt < 100 and low - count > 10_000:
             first = random.randrange(10_000, low - count)

@@ -279,9 +279,7 @@ class SoundJudge:
         if when == "at_length":
             pending.at_length = None
             pending.rejoin = continues_sentence(text)
-            await self._confirm(pending)
-            if not self._detector.in_speech:
-                self._end_user_turn()
+            await self._take_the_floor(pending)
             return
         if midway:
             pending.midway = None
@@ -298,9 +296,7 @@ class SoundJudge:
             return  # its first words may be missing from audio this short ("Four people to"): read it again
         if is_speech(text) and (pending.rejoin or asks_for_the_floor(text)):
             log.info("session %s: %r over the AI interrupts it", self._session_id, text[:80])
-            await self._confirm(pending)
-            if not self._detector.in_speech:
-                self._end_user_turn()  # its words are the caller's next turn
+            await self._take_the_floor(pending)
             return
         if midway:
             return  # a listener's noise so far: judged whole when it stops (or by its length)
@@ -309,6 +305,12 @@ class SoundJudge:
         self._detector.reset()
         log.info("session %s: %r over the AI; it goes on", self._session_id, text[:80])
         self._emit("playback_resumed", pending.turn, heard=text)
+
+    async def _take_the_floor(self, pending: PendingInterruption) -> None:
+        """The sound's words interrupt the AI; once the caller is quiet, they are the next turn."""
+        await self._confirm(pending)
+        if not self._detector.in_speech:
+            self._end_user_turn()
 
     async def _confirm(self, pending: PendingInterruption) -> None:
         self.end()  # the barge-in flushes what the pause held
